@@ -1,0 +1,1 @@
+pytest_plugins = ["stanchion.testing.pytest_plugin"]
