@@ -41,7 +41,7 @@ No rate is computed until ``minimum_calls`` outcomes are buffered (capped at
 ``window_size`` for a count window); the rates are then -1.0 in the metrics,
 as in resilience4j. The decision is re-evaluated only when it can change: on
 a failed or slow outcome, when the buffered count first reaches the minimum,
-or (time window) whenever buckets expired.
+or, for a time window, on every record (expired buckets can raise the rates).
 
 Epochs. Each transition increments ``epoch``. An admitted call carries the
 epoch it was admitted in; an outcome from an older epoch is dropped. So a
@@ -331,7 +331,6 @@ class _TimeWindow:
         self.n += k
 
     def add(self, outcome: int, now: float) -> bool:
-        before = self.n
         self.roll(now)
         head = self.head
         assert head is not None
@@ -344,8 +343,9 @@ class _TimeWindow:
         if outcome & 2:
             self.b_slow[k] += 1
             self.slow += 1
-        # buckets expired (n did not simply grow by one) or a bad outcome
-        return bool(outcome) or self.n != before + 1
+        # buckets may have expired here or in an earlier roll (a metrics read):
+        # the rates may have gone up whatever the outcome, so always re-check
+        return True
 
 
 class BreakerMachine:
@@ -478,34 +478,36 @@ class BreakerMachine:
         if st is _CLOSED:
             if w.add(outcome, now) or w.n == self._min:
                 n = w.n
-                if n >= self._min and (w.failed >= self._fthr * n or w.slow >= self._sthr * n):
+                if n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
                     self._go(_OPEN, now)
             return
         # half-open: decide once the N trials are in
         w.add(outcome, now)
         n = w.n
         if n >= self._hmin:
-            if w.failed >= self._fthr * n or w.slow >= self._sthr * n:
+            if w.failed / n >= self._fthr or w.slow / n >= self._sthr:
                 self._go(_OPEN, now)
             else:
                 self._go(_CLOSED, now)
 
-    def record_successes(self, k: int, now: float) -> None:
+    def record_successes(self, k: int, now: float, at: float | None = None) -> None:
         """Record ``k`` successful, not slow calls of the current CLOSED period.
 
         The facade counts fast-path successes with an atomic counter and
         hands them over in batches (see ``CircuitBreaker``); the result is the
-        same as ``k`` calls of ``record(SUCCESS, now)``.
+        same as ``k`` calls of ``record(SUCCESS, now)``, except that the calls
+        are put in the window at time ``at`` (when they happened; default
+        ``now``) while a transition they cause happens at ``now``.
         """
         if k <= 0 or self.state is not _CLOSED:
             return
         self.totals[0] += k
         w = self.window
         before = w.n
-        w.add_successes(k, now)
+        w.add_successes(k, now if at is None else at)
         n = w.n
-        changed = before < self._min <= n or n != before + k
-        if changed and n >= self._min and (w.failed >= self._fthr * n or w.slow >= self._sthr * n):
+        changed = before < self._min <= n or isinstance(w, _TimeWindow)
+        if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
             self._go(_OPEN, now)
 
     def successes_before_check(self) -> int:
@@ -553,8 +555,7 @@ class BreakerMachine:
     def metrics(self, now: float) -> BreakerMetrics:
         """The window's figures now (time windows expire old buckets first)."""
         w = self.window
-        if self.state is _CLOSED:
-            w.roll(now)
+        w.roll(now)
         n = w.n
         need = self._need
         enough = n >= need and n > 0
