@@ -79,9 +79,16 @@ __all__ = [
     "BreakerConfig",
     "BreakerMachine",
     "BreakerMetrics",
+    "BudgetWindow",
+    "Exponential",
+    "Fixed",
+    "GiveUp",
     "Outcome",
     "Reject",
+    "RetryAfter",
+    "RetryPlan",
     "State",
+    "TokenBucket",
     "Transition",
 ]
 
@@ -569,3 +576,222 @@ class BreakerMachine:
             not_permitted_calls=self.not_permitted,
             state=self.state,
         )
+
+
+# == retry ======================================================================
+#
+# A retry plan answers one question after a failed attempt: sleep how long and
+# try again, or give up? Inputs are the attempt number (1 = the first attempt
+# has just failed), the time now and one uniform random number in [0, 1) (the
+# facade draws it, so the plan stays deterministic). The deadline is absolute
+# (started + deadline): the plan never returns a delay that would end at or
+# after it, so the last sleep never overshoots; the facade caps the last
+# attempt with remaining(now).
+
+
+@dataclass(frozen=True, slots=True)
+class Exponential:
+    """Exponential back-off: retry ``n`` waits up to ``min(max, base * 2**(n-1))`` seconds.
+
+    Args:
+        base: the first retry's ceiling, seconds.
+        max: the ceiling of any delay, seconds.
+        jitter: ``"full"`` (uniform in [0, ceiling], AWS's "full jitter", the
+            default), ``"equal"`` (half fixed, half random) or ``"none"``.
+
+    .. versionadded:: 0.1
+    """
+
+    base: float = 0.1
+    max: float = 10.0
+    jitter: Literal["full", "equal", "none"] = "full"
+
+    def __post_init__(self) -> None:
+        from stanchion.errors import ConfigError
+
+        if not (self.base > 0 and math.isfinite(self.base)):
+            raise ConfigError(f"Exponential base must be > 0 seconds, got {self.base!r}")
+        if not self.max >= self.base:
+            raise ConfigError(f"Exponential max ({self.max!r}) must be >= base ({self.base!r})")
+        if self.jitter not in ("full", "equal", "none"):
+            raise ConfigError(f"jitter must be 'full', 'equal' or 'none', got {self.jitter!r}")
+
+    def compute(self, retry: int, rand: float) -> float:
+        """The delay before retry number ``retry`` (1-based), given ``rand`` in [0, 1)."""
+        cap = self.max if retry > 64 else min(self.max, self.base * 2.0 ** (retry - 1))
+        if self.jitter == "full":
+            return cap * rand
+        if self.jitter == "equal":
+            return cap / 2 + cap / 2 * rand
+        return cap
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """The same delay before every retry.
+
+    .. versionadded:: 0.1
+    """
+
+    delay: float = 0.1
+
+    def __post_init__(self) -> None:
+        from stanchion.errors import ConfigError
+
+        if not (self.delay >= 0 and math.isfinite(self.delay)):
+            raise ConfigError(f"Fixed delay must be >= 0 seconds, got {self.delay!r}")
+
+    def compute(self, retry: int, rand: float) -> float:
+        """Always ``delay``."""
+        return self.delay
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """Decision: sleep ``delay`` seconds, then make attempt ``attempt``."""
+
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Decision: stop; ``reason`` is ``"attempts"``, ``"deadline"`` or ``"budget"``."""
+
+    reason: Literal["attempts", "deadline", "budget"]
+
+
+class RetryPlan:
+    """When to retry: attempts, back-off and an overall deadline, pure.
+
+    Args:
+        attempts: total attempts allowed (the first one included), >= 1.
+        backoff: an :class:`Exponential` or :class:`Fixed`.
+        deadline: seconds from ``started`` after which nothing more starts.
+        started: when the operation began.
+    """
+
+    __slots__ = ("attempts", "backoff", "ends")
+
+    def __init__(
+        self,
+        attempts: int,
+        backoff: Exponential | Fixed,
+        deadline: float | None,
+        started: float,
+    ) -> None:
+        self.attempts = attempts
+        self.backoff = backoff
+        self.ends = None if deadline is None else started + deadline
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left before the deadline (None without one)."""
+        return None if self.ends is None else self.ends - now
+
+    def next(self, failed_attempt: int, now: float, rand: float) -> RetryAfter | GiveUp:
+        """After attempt ``failed_attempt`` (1-based) failed at ``now``: retry or give up."""
+        if failed_attempt >= self.attempts:
+            return GiveUp("attempts")
+        delay = self.backoff.compute(failed_attempt, rand)
+        if self.ends is not None and now + delay >= self.ends:
+            # sleeping would reach the deadline with no time left to try: the
+            # deadline caps the last sleep by not taking it
+            return GiveUp("deadline")
+        return RetryAfter(delay, failed_attempt + 1)
+
+
+class BudgetWindow:
+    """A retry budget's ledger (Finagle's RetryBudget), pure.
+
+    Over the last ``ttl`` seconds (one-second buckets), a retry may be
+    withdrawn while ``min_per_second * ttl + ratio * deposits - withdrawals
+    >= 1``: retries are at most ``ratio`` of requests, plus a small reserve so
+    low-traffic clients can still retry.
+    """
+
+    __slots__ = ("dep", "head", "min_per_second", "ratio", "size", "ttl", "wd")
+
+    def __init__(self, ratio: float, min_per_second: float, ttl: float) -> None:
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.ttl = ttl
+        self.size = max(1, math.ceil(ttl))
+        self.dep = [0] * self.size
+        self.wd = [0] * self.size
+        self.head: int | None = None
+
+    def _roll(self, now: float) -> int:
+        sec = math.floor(now)
+        head = self.head
+        if head is None or sec - head >= self.size:
+            self.dep = [0] * self.size
+            self.wd = [0] * self.size
+        elif sec > head:
+            for s in range(head + 1, sec + 1):
+                k = s % self.size
+                self.dep[k] = self.wd[k] = 0
+        if head is None or sec > head:
+            self.head = sec
+        return (self.head if self.head is not None else sec) % self.size
+
+    def balance(self, now: float) -> float:
+        """Retries available now (may be fractional)."""
+        self._roll(now)
+        return self.min_per_second * self.ttl + self.ratio * sum(self.dep) - sum(self.wd)
+
+    def deposit(self, now: float) -> None:
+        """A new request (first attempt) started."""
+        k = self._roll(now)  # may replace the lists: index after rolling
+        self.dep[k] += 1
+
+    def withdraw(self, now: float) -> bool:
+        """Take one retry if the budget allows it."""
+        if self.balance(now) >= 1.0 - 1e-9:
+            k = self._roll(now)
+            self.wd[k] += 1
+            return True
+        return False
+
+
+# == rate limiter =================================================================
+
+
+class TokenBucket:
+    """A token bucket that hands out reservations, pure.
+
+    ``burst`` tokens at most, refilled at ``rate`` per second. ``reserve``
+    takes a token now or books the next one (the balance goes negative), so
+    waiters are served in order and nobody starves.
+    """
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
+            self.last = now
+
+    def reserve(self, now: float, max_wait: float) -> float | None:
+        """Book a token: the wait in seconds (0.0 = go), or None (retry later)."""
+        self._refill(now)
+        wait = 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+        if wait > max_wait:
+            return None
+        self.tokens -= 1.0
+        return wait
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until a token is free."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def available(self, now: float) -> float:
+        """Tokens in the bucket now."""
+        self._refill(now)
+        return self.tokens
