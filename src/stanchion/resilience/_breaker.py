@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -397,6 +398,10 @@ class CircuitBreaker:
             self._rearm(now)
         if m.transitions:
             self._drain()
+        sh = self._shared
+        if sh is not None and not sh.fallback and sh.last_metrics is not None:
+            # connected: the shared window is the one that decides
+            return dataclasses.replace(sh.last_metrics, state=snap.state)
         return snap
 
     @property
@@ -484,20 +489,20 @@ class CircuitBreaker:
             except Exception as exc:
                 self._log.error("breaker.listener_failed", kind=kind, error=repr(exc))
 
-    def _drain(self, manual: bool = False) -> None:
+    def _drain(self, manual: bool = False, source: str = "local") -> None:
         m = self._machine
         with self._lock:
             if not m.transitions:
                 return
             ts, m.transitions = m.transitions, []
         for t in ts:
-            self._on_transition(t, manual)
+            self._on_transition(t, manual, source)
 
-    def _on_transition(self, t: Transition, manual: bool = False) -> None:
+    def _on_transition(self, t: Transition, manual: bool, source: str) -> None:
         log = self._log.warning if t.new is State.OPEN else self._log.info
-        log("breaker.state_changed", old=t.old.value, new=t.new.value, manual=manual)
+        log("breaker.state_changed", old=t.old.value, new=t.new.value, manual=manual, source=source)
         if self._shared is not None:
-            self._shared.local_transition(t)
+            self._shared.local_transition(t, manual)
         self._emit("state_change", StateChanged(self.name, t.old, t.new, t.at))
 
     # -- the call paths ---------------------------------------------------------
@@ -525,8 +530,6 @@ class CircuitBreaker:
         if isinstance(d, Reject):
             if self._per_call:
                 self._emit("rejected", CallRejected(self.name, d.state, d.retry_after))
-            if self._shared is not None:
-                self._shared.note(5, now)
             raise CircuitOpenError(self.name, d.retry_after, d.state.value)
         return now, d.epoch
 
@@ -546,10 +549,12 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             self._flush(end)
+            current = epoch == m.epoch
+            st = m.state
             m.record(outcome, end, epoch)
             self._rearm(end)
-        if self._shared is not None and epoch == m.epoch:
-            self._shared.note(outcome, end)
+        if self._shared is not None and current:
+            self._shared.note(outcome, end, st.value)
         if m.transitions:
             self._drain()
         if self._per_call:
@@ -733,6 +738,13 @@ class CircuitBreaker:
         """Stop exchanging with the shared store (no-op for a local breaker)."""
         if self._shared is not None:
             self._shared.close()
+
+    def wait_synced(self, timeout: float = 5.0) -> bool:
+        """Block until the first exchange with the shared store succeeded.
+
+        Returns True at once for a local breaker, False on timeout.
+        """
+        return self._shared is None or self._shared.wait_synced(timeout)
 
     @property
     def store_fallback(self) -> bool:
