@@ -103,12 +103,17 @@ class CircuitOpenError(StanchionError):
     """
 
     def __init__(self, name: str, retry_after: float, state: str = "open") -> None:
-        super().__init__(
-            f"circuit {name!r} is {state}: call rejected; next trial in {retry_after:.3f}s"
-        )
+        # the message is built by __str__ only when shown: rejections are a hot path
+        super().__init__(name, retry_after, state)
         self.name = name
         self.retry_after = retry_after
         self.state = state
+
+    def __str__(self) -> str:
+        return (
+            f"circuit {self.name!r} is {self.state}: call rejected; "
+            f"next trial in {self.retry_after:.3f}s"
+        )
 
 
 class RetryExhausted(StanchionError):

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, TypeVar, overload
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -328,6 +328,9 @@ class CircuitBreaker:
         self._timewin = window_type == "time"
         self._flush_at = 0
         self._horizon = 0.0
+        self._rejects = itertools.count()
+        self._rbase = next(self._rejects)
+        self._reject_until = -math.inf
         self._last_t = now
         self._rearm(now)
         self._listeners: dict[str, list[Callable[[Any], object]]] = {k: [] for k in _KINDS}
@@ -359,8 +362,14 @@ class CircuitBreaker:
         self._base = c
         if k > 0:
             self._machine.record_successes(k, now, self._last_t)
+        c = next(self._rejects)
+        k = c - self._rbase - 1
+        self._rbase = c
+        if k > 0:
+            self._machine.record_rejections(k)
 
     def _rearm(self, now: float) -> None:
+        self._reject_until = self._machine.reject_until()
         need = self._machine.successes_before_check()
         self._flush_at = self._base + need if need else -1
         self._last_t = now
@@ -533,6 +542,12 @@ class CircuitBreaker:
             raise CircuitOpenError(self.name, d.retry_after, d.state.value)
         return now, d.epoch
 
+    def _reject_fast(self, now: float) -> NoReturn:
+        """Reject without the lock: the breaker is open until ``_reject_until``."""
+        next(self._rejects)
+        m = self._machine
+        raise CircuitOpenError(self.name, self._reject_until - now, m.state.value)
+
     def _done(
         self,
         outcome: int,
@@ -604,6 +619,10 @@ class CircuitBreaker:
                 return r
             self._done(SUCCESS, t0, epoch, None, r)
             return r
+        if self._fast:
+            now = self._clock()
+            if now < self._reject_until:
+                self._reject_fast(now)
         t0, epoch = self._admit()
         try:
             r = fn(*args, **kwargs)
@@ -640,6 +659,10 @@ class CircuitBreaker:
                 return r
             self._done(SUCCESS, t0, epoch, None, r)
             return r
+        if self._fast:
+            now = self._clock()
+            if now < self._reject_until:
+                self._reject_fast(now)
         t0, epoch = self._admit()
         try:
             r = await fn(*args, **kwargs)
@@ -661,24 +684,44 @@ class CircuitBreaker:
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate a sync or async function; the signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-            call_async = self.call_async
-
-            @functools.wraps(fn)
-            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await call_async(fn, *args, **kwargs)
-
-            return awrapper
         call = self.call
+        call_async = self.call_async
         m = self._machine
         clock = self._clock
         done = self._done
         classify = self._classify
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                # the closed-state fast path of call_async(), inlined
+                if m.state is not _CLOSED or not self._fast:
+                    if self._fast and clock() < self._reject_until:
+                        self._reject_fast(clock())
+                    return await call_async(fn, *args, **kwargs)
+                epoch = m.epoch
+                t0 = clock()
+                try:
+                    r = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    done(classify(exc), t0, epoch, exc)
+                    raise
+                t1 = clock()
+                if t1 - t0 < self._slow and t1 < self._horizon and m.epoch == epoch:
+                    if next(self._oks) >= self._flush_at:
+                        self._sync(t1)
+                    return r
+                done(SUCCESS, t0, epoch, None, r)
+                return r
+
+            return awrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             # the closed-state fast path of call(), inlined (one frame less)
             if m.state is not _CLOSED or not self._fast:
+                if self._fast and clock() < self._reject_until:
+                    self._reject_fast(clock())
                 return call(fn, *args, **kwargs)
             epoch = m.epoch
             t0 = clock()

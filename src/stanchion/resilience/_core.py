@@ -527,6 +527,20 @@ class BreakerMachine:
         if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
             self._go(_OPEN, now)
 
+    def record_rejections(self, k: int) -> None:
+        """Count ``k`` calls the facade rejected on its own (OPEN, before the wait ended)."""
+        self.not_permitted += k
+        self.totals[_REJECTED] += k
+
+    def reject_until(self) -> float:
+        """Until when every call is rejected whatever happens (-inf: not now)."""
+        st = self.state
+        if st is _OPEN:
+            return -math.inf if self.follower else self.changed_at + self.config.wait_duration_open
+        if st is _FORCED_OPEN:
+            return math.inf
+        return -math.inf
+
     def successes_before_check(self) -> int:
         """How many more plain successes may be batched before a decision is due.
 
