@@ -102,12 +102,27 @@ class CircuitOpenError(StanchionError):
             the breaker is half-open with no free trial slot).
     """
 
+    # Rejections are a hot path: the data lives in ``args`` (so the breaker can
+    # build the error with the C-level ``BaseException.__new__`` alone) and the
+    # message is formatted only when shown.
+
     def __init__(self, name: str, retry_after: float, state: str = "open") -> None:
-        # the message is built by __str__ only when shown: rejections are a hot path
         super().__init__(name, retry_after, state)
-        self.name = name
-        self.retry_after = retry_after
-        self.state = state
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return str(self.args[0])
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the next trial call is admitted."""
+        return float(self.args[1])
+
+    @property
+    def state(self) -> str:
+        """The breaker state that rejected the call."""
+        return str(self.args[2]) if len(self.args) > 2 else "open"
 
     def __str__(self) -> str:
         return (

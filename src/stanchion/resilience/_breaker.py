@@ -9,7 +9,6 @@ closed-state success path is kept short on purpose: two clock reads, one
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import dataclasses
 import functools
@@ -61,7 +60,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _CLOSED = State.CLOSED
-_CancelledError = asyncio.CancelledError
+_new_error = BaseException.__new__  # builds CircuitOpenError(args) without a Python frame
 
 # -- events -------------------------------------------------------------------
 
@@ -331,6 +330,7 @@ class CircuitBreaker:
         self._rejects = itertools.count()
         self._rbase = next(self._rejects)
         self._reject_until = -math.inf
+        self._reject_state = "closed"
         self._last_t = now
         self._rearm(now)
         self._listeners: dict[str, list[Callable[[Any], object]]] = {k: [] for k in _KINDS}
@@ -370,6 +370,7 @@ class CircuitBreaker:
 
     def _rearm(self, now: float) -> None:
         self._reject_until = self._machine.reject_until()
+        self._reject_state = self._machine.state.value
         need = self._machine.successes_before_check()
         self._flush_at = self._base + need if need else -1
         self._last_t = now
@@ -545,8 +546,7 @@ class CircuitBreaker:
     def _reject_fast(self, now: float) -> NoReturn:
         """Reject without the lock: the breaker is open until ``_reject_until``."""
         next(self._rejects)
-        m = self._machine
-        raise CircuitOpenError(self.name, self._reject_until - now, m.state.value)
+        raise _new_error(CircuitOpenError, self.name, self._reject_until - now, self._reject_state)
 
     def _done(
         self,
@@ -690,6 +690,8 @@ class CircuitBreaker:
         clock = self._clock
         done = self._done
         classify = self._classify
+        name = self.name
+        new_error = _new_error
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -720,8 +722,13 @@ class CircuitBreaker:
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             # the closed-state fast path of call(), inlined (one frame less)
             if m.state is not _CLOSED or not self._fast:
-                if self._fast and clock() < self._reject_until:
-                    self._reject_fast(clock())
+                if self._fast:
+                    now = clock()
+                    if now < self._reject_until:  # open: reject here, one frame deep
+                        next(self._rejects)
+                        raise new_error(
+                            CircuitOpenError, name, self._reject_until - now, self._reject_state
+                        )
                 return call(fn, *args, **kwargs)
             epoch = m.epoch
             t0 = clock()
