@@ -35,7 +35,7 @@ import pybreaker
 import stamina
 import tenacity
 
-from stanchion.resilience import CircuitBreaker
+from stanchion.resilience import CircuitBreaker, Policy, Retry
 
 SyncCase = Callable[[], object]
 AsyncCase = Callable[[], Awaitable[object]]
@@ -71,6 +71,8 @@ def sync_success_cases() -> dict[str, SyncCase]:
         "bare call": work,
         "stanchion @breaker": st(work),
         "stanchion breaker.call": lambda: st_call.call(work),
+        "stanchion Retry (no retry)": Retry(3)(work),
+        "stanchion Policy(Retry, breaker)": Policy(Retry(3), CircuitBreaker("p"))(work),
         "circuitbreaker": cb(work),
         "pybreaker": pb(work),
         "purgatory": pg("bench")(work),
@@ -92,6 +94,8 @@ def async_success_cases() -> dict[str, AsyncCase]:
     return {
         "bare await": awork,
         "stanchion @breaker": st(awork),
+        "stanchion Retry (no retry)": Retry(3)(awork),
+        "stanchion Policy(Retry, breaker)": Policy(Retry(3), CircuitBreaker("ap"))(awork),
         "circuitbreaker": cb(awork),
         "aiobreaker": ab(awork),
         "purgatory": purg,

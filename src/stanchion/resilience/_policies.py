@@ -818,8 +818,18 @@ class Policy:
     def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; the signature is kept."""
-        return _decorate(fn, self.call, self.call_async)
+        """Decorate a sync or async function; the signature is kept.
+
+        The layers are composed once, here (each component's own decorator,
+        innermost first), so a decorated call pays no per-call assembly.
+        """
+        f: Callable[..., Any] = fn
+        for layer in (self.timeout, self.breaker, self.retry, self.bulkhead, self.rate_limiter):
+            if layer is not None:
+                f = layer(f)
+        if f is fn:
+            return _decorate(fn, self.call, self.call_async)
+        return f
 
 
 def wrap(*components: Component | None) -> Policy:
