@@ -448,10 +448,11 @@ def test_half_open_exactly_n_under_threads() -> None:
     threads = [threading.Thread(target=worker) for _ in range(50)]
     for t in threads:
         t.start()
-    for _ in range(200):
-        if len(results) >= 45:
+    for _ in range(1000):
+        if len(results) >= 45 and admitted >= 5:
             break
         threading.Event().wait(0.01)
+    threading.Event().wait(0.05)
     assert admitted == 5
     gate.set()
     for t in threads:

@@ -128,7 +128,7 @@ async def test_async_deadline_is_not_overshot() -> None:
     with pytest.raises(RetryExhausted) as ei:
         await r.call_async(slow_fail)
     elapsed = time.monotonic() - t0
-    assert elapsed < 0.56, elapsed  # tenacity/stamina overshoot to ~0.75 s
+    assert elapsed < 0.65, elapsed  # tenacity/stamina overshoot to ~0.75 s
     assert isinstance(ei.value.last_exception, CallTimeout | ConnectionError)
 
 
