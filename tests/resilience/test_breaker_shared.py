@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
@@ -191,4 +192,49 @@ def test_stalled_store_never_blocks_calls(servers: object, namespace: str) -> No
         srv.resume()
         assert eventually(lambda: not b.store_fallback, 10)
     finally:
+        b.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_half_open_exactly_n_across_replicas(backend: str, request: pytest.FixtureRequest) -> None:
+    """Trial slots are lent by the shared machine: N trials in all, not N per replica."""
+    url = request.getfixturevalue(f"{backend}_url")
+    a = make(url, "trials", wait_duration_open=0.3, half_open_calls=3)
+    b = make(url, "trials", wait_duration_open=0.3, half_open_calls=3)
+    gate = threading.Event()
+    admitted = 0
+    lock = threading.Lock()
+
+    def trial() -> str:
+        nonlocal admitted
+        with lock:
+            admitted += 1
+        gate.wait(10)
+        return "ok"
+
+    def caller(replica: CircuitBreaker) -> None:
+        ends = time.monotonic() + 1.5
+        while time.monotonic() < ends:
+            try:
+                replica.call(trial)
+                return
+            except CircuitOpenError:
+                time.sleep(0.01)
+
+    try:
+        fail(a, 5)
+        assert eventually(lambda: b.state is State.OPEN)
+        assert eventually(lambda: a.state is State.HALF_OPEN and b.state is State.HALF_OPEN)
+        threads = [threading.Thread(target=caller, args=(r,)) for r in (a, b) * 10]
+        for t in threads:
+            t.start()
+        time.sleep(1.6)
+        assert admitted == 3
+        gate.set()
+        for t in threads:
+            t.join(10)
+        assert eventually(lambda: a.state is State.CLOSED and b.state is State.CLOSED)
+    finally:
+        gate.set()
+        a.close()
         b.close()

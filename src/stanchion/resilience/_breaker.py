@@ -538,6 +538,8 @@ class CircuitBreaker:
         if m.transitions:
             self._drain()
         if isinstance(d, Reject):
+            if self._shared is not None and d.state is State.HALF_OPEN:
+                self._shared.want_slot()
             if self._per_call:
                 self._emit("rejected", CallRejected(self.name, d.state, d.retry_after))
             raise CircuitOpenError(self.name, d.retry_after, d.state.value)

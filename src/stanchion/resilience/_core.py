@@ -383,6 +383,7 @@ class BreakerMachine:
         "_sthr",
         "changed_at",
         "config",
+        "demand",
         "epoch",
         "follower",
         "free_slots",
@@ -413,6 +414,7 @@ class BreakerMachine:
         # makes no decision of its own: the shared store's machine decides and
         # the facade applies its state with adopt().
         self.follower = False
+        self.demand = 0  # follower: calls rejected in half-open for want of a slot
 
     def _new_window(self) -> _CountWindow | _TimeWindow:
         c = self.config
@@ -429,6 +431,7 @@ class BreakerMachine:
         self._admit = Admit(self.epoch)
         self.changed_at = now
         self.free_slots = self.config.half_open_calls if new is _HALF_OPEN else 0
+        self.demand = 0
         if new is not _OPEN:
             # OPEN keeps the window that opened it, so its rates stay visible
             # (as in resilience4j); every other state starts afresh.
@@ -464,6 +467,8 @@ class BreakerMachine:
                 if self.free_slots > 0:
                     self.free_slots -= 1
                     return self._admit
+                if self.follower:
+                    self.demand += 1  # ask the shared machine for a trial slot
                 return self._reject(0.0)
             if st is _OPEN:
                 return self._reject(
@@ -553,10 +558,29 @@ class BreakerMachine:
         return self._min - n if n < self._min else 1 << 62
 
     def adopt(self, state: State, changed_at: float, now: float) -> None:
-        """Take the state decided elsewhere (the shared store), entered at ``changed_at``."""
+        """Take the state decided elsewhere (the shared store), entered at ``changed_at``.
+
+        A follower entering HALF_OPEN starts with no trial slot: slots are
+        lent by the shared machine (:meth:`lend_slots`), so that exactly
+        ``half_open_calls`` trials run across all replicas.
+        """
         if self.state is not state:
             self._go(state, now)
+            if self.follower and state is _HALF_OPEN:
+                self.free_slots = 0
         self.changed_at = changed_at
+
+    def lend_slots(self, returned: int, wanted: int) -> int:
+        """Shared side: take back ``returned`` unused trial slots, lend up to ``wanted``.
+
+        Returns how many slots are lent (0 unless HALF_OPEN).
+        """
+        if self.state is not _HALF_OPEN:
+            return 0
+        self.free_slots = min(self._hmin, self.free_slots + returned)
+        lent = min(wanted, self.free_slots)
+        self.free_slots -= lent
+        return lent
 
     # -- (de)serialisation for a shared store -----------------------------------
 
