@@ -752,6 +752,7 @@ class CircuitBreaker:
     # -- context managers --------------------------------------------------------------
 
     def __enter__(self) -> CircuitBreaker:
+        """Admit the block (or raise CircuitOpenError); its outcome is recorded on exit."""
         entry = self._admit()
         self._cm.set((*self._cm.get(), entry))
         return self
@@ -774,6 +775,7 @@ class CircuitBreaker:
         return False
 
     async def __aenter__(self) -> CircuitBreaker:
+        """Admit the block (or raise CircuitOpenError); a cancellation counts neither way."""
         return self.__enter__()
 
     async def __aexit__(

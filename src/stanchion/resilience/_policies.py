@@ -470,6 +470,7 @@ class Timeout:
         return awrapper
 
     async def __aenter__(self) -> Timeout:
+        """Cancel the block after ``seconds`` (then CallTimeout is raised)."""
         cm = asyncio.timeout(self.seconds)
         await cm.__aenter__()
         task = asyncio.current_task()
@@ -658,6 +659,7 @@ class Bulkhead:
         return _decorate(fn, self.call, self.call_async)
 
     def __enter__(self) -> Bulkhead:
+        """Hold a slot for the block (or raise BulkheadFull)."""
         self.acquire()
         return self
 
@@ -666,6 +668,7 @@ class Bulkhead:
         return False
 
     async def __aenter__(self) -> Bulkhead:
+        """Hold a slot for the block (or raise BulkheadFull)."""
         await self.acquire_async()
         return self
 
