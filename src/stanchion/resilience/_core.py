@@ -599,7 +599,19 @@ class BreakerMachine:
                 "failed": list(w.b_failed),
                 "slow": list(w.b_slow),
             }
+        c = self.config
         return {
+            "config": {
+                "failure_rate_threshold": c.failure_rate_threshold,
+                "slow_call_rate_threshold": c.slow_call_rate_threshold,
+                "slow_call_duration": c.slow_call_duration,
+                "window_type": c.window_type,
+                "window_size": c.window_size,
+                "minimum_calls": c.minimum_calls,
+                "wait_duration_open": c.wait_duration_open,
+                "half_open_calls": c.half_open_calls,
+                "max_wait_half_open": c.max_wait_half_open,
+            },
             "state": self.state.value,
             "epoch": self.epoch,
             "changed_at": self.changed_at,

@@ -45,16 +45,18 @@ import collections
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from stanchion.errors import ConfigError
+from stanchion.errors import ConfigError, ConflictError
 from stanchion.observability import get_logger
 from stanchion.resilience._backend import BreakerStore
 from stanchion.resilience._core import (
     FAILURE,
     IGNORED,
+    BreakerConfig,
     BreakerMachine,
     BreakerMetrics,
     State,
@@ -65,7 +67,7 @@ from stanchion.urls import default_registry
 if TYPE_CHECKING:
     from stanchion.resilience._breaker import CircuitBreaker
 
-__all__ = ["SharedState"]
+__all__ = ["SharedState", "open_store", "read_shared", "update_shared"]
 
 _OPS = {"forced_open": "force_open", "disabled": "disable", "closed": "reset", "open": "open"}
 _MAX_PENDING = 10_000
@@ -78,6 +80,41 @@ def open_store(url: str) -> BreakerStore:
     if from_url is None:
         raise ConfigError(f"{target!r} is not a breaker store (no from_url)")
     return cast(BreakerStore, from_url(parsed))
+
+
+def read_shared(store: BreakerStore, name: str) -> tuple[int, BreakerMachine] | None:
+    """The (version, machine) stored for ``name`` (config as the writer had it), or None."""
+    got = store.load(name)
+    if got is None:
+        return None
+    data = msgspec.json.decode(got[1])
+    config = BreakerConfig(**data.get("config", {}))
+    return got[0], BreakerMachine.load(config, data)
+
+
+def update_shared(
+    store: BreakerStore,
+    name: str,
+    apply: Callable[[BreakerMachine, float], None],
+    *,
+    config: BreakerConfig | None = None,
+    ttl: float = 3600.0,
+) -> BreakerMachine:
+    """Apply ``apply(machine, wall_now)`` to the shared record by compare-and-set.
+
+    Without a record yet, a machine is made from ``config`` (defaults if None).
+    """
+    for _ in range(20):
+        wall = time.time()
+        found = read_shared(store, name)
+        version, machine = found if found is not None else (0, None)
+        if machine is None:
+            machine = BreakerMachine(config or BreakerConfig(), wall)
+        machine.poll(wall)
+        apply(machine, wall)
+        if store.compare_and_set(name, version, msgspec.json.encode(machine.dump()), ttl):
+            return machine
+    raise ConflictError(f"breaker {name!r}: the shared record kept changing; try again")
 
 
 class SharedState:
