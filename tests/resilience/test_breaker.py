@@ -606,3 +606,15 @@ def test_circuit_open_error_pickles_and_reads() -> None:
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.name, e2.retry_after, e2.state) == ("db", 1.5, "half_open")
     assert "db" in str(e2) and "1.500" in str(e2)
+
+
+def test_importing_resilience_loads_no_driver() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stanchion.resilience;"
+        "print([m for m in ('redis', 'aiohttp', 'asyncpg') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
