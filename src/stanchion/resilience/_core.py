@@ -23,6 +23,9 @@ The breaker (:class:`BreakerMachine`) follows resilience4j's CircuitBreaker::
     FORCED_OPEN (rejects everything) and DISABLED (admits everything, records
     nothing) are entered and left only by hand: force_open(), disable(), reset().
 
+The automatic arrows are data, in ``TRANSITIONS`` ((state, event) -> state);
+the code decides which event happened and looks the next state up.
+
 Inputs are ``admit(now)`` (may a call run?) and ``record(outcome, now,
 epoch)`` (how did an admitted call end?). Outcomes are small ints so the hot
 path allocates nothing: bit 0 says "failed", bit 1 says "slow"; ``IGNORED``
@@ -75,6 +78,7 @@ __all__ = [
     "SLOW",
     "SLOW_FAILURE",
     "SUCCESS",
+    "TRANSITIONS",
     "Admit",
     "BreakerConfig",
     "BreakerMachine",
@@ -136,6 +140,24 @@ _OPEN = State.OPEN
 _HALF_OPEN = State.HALF_OPEN
 _FORCED_OPEN = State.FORCED_OPEN
 _DISABLED = State.DISABLED
+
+
+# The automatic transitions, as data: (state, event) -> next state. Manual
+# ones (force_open, disable, reset, open) and adopt() (a shared store's
+# decision) may go from any state to any state.
+RATES_EXCEEDED: Final = "rates_exceeded"  # closed window: failure or slow rate >= threshold
+WAIT_ELAPSED: Final = "wait_elapsed"  # open for wait_duration_open
+TRIALS_PASSED: Final = "trials_passed"  # the N trials stayed below both thresholds
+TRIALS_FAILED: Final = "trials_failed"  # the N trials reached a threshold
+TRIALS_TIMED_OUT: Final = "trials_timed_out"  # max_wait_half_open elapsed first
+
+TRANSITIONS: Final[dict[tuple[State, str], State]] = {
+    (_CLOSED, RATES_EXCEEDED): _OPEN,
+    (_OPEN, WAIT_ELAPSED): _HALF_OPEN,
+    (_HALF_OPEN, TRIALS_PASSED): _CLOSED,
+    (_HALF_OPEN, TRIALS_FAILED): _OPEN,
+    (_HALF_OPEN, TRIALS_TIMED_OUT): _OPEN,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +446,10 @@ class BreakerMachine:
             return _CountWindow(c.window_size)
         return _TimeWindow(c.window_size)
 
+    def _step(self, event: str, now: float) -> None:
+        """An automatic transition, looked up in :data:`TRANSITIONS`."""
+        self._go(TRANSITIONS[(self.state, event)], now)
+
     def _go(self, new: State, now: float) -> None:
         old = self.state
         self.state = new
@@ -449,11 +475,11 @@ class BreakerMachine:
         st = self.state
         if st is _OPEN:
             if now >= self.changed_at + self.config.wait_duration_open:
-                self._go(_HALF_OPEN, now)
+                self._step(WAIT_ELAPSED, now)
         elif st is _HALF_OPEN:
             mw = self.config.max_wait_half_open
             if mw > 0 and now >= self.changed_at + mw:
-                self._go(_OPEN, now)
+                self._step(TRIALS_TIMED_OUT, now)
 
     def admit(self, now: float) -> Admit | Reject:
         """May a call run now? Consumes a trial slot in half-open."""
@@ -501,16 +527,16 @@ class BreakerMachine:
             if w.add(outcome, now) or w.n == self._min:
                 n = w.n
                 if n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
-                    self._go(_OPEN, now)
+                    self._step(RATES_EXCEEDED, now)
             return
         # half-open: decide once the N trials are in
         w.add(outcome, now)
         n = w.n
         if n >= self._hmin:
             if w.failed / n >= self._fthr or w.slow / n >= self._sthr:
-                self._go(_OPEN, now)
+                self._step(TRIALS_FAILED, now)
             else:
-                self._go(_CLOSED, now)
+                self._step(TRIALS_PASSED, now)
 
     def record_successes(self, k: int, now: float, at: float | None = None) -> None:
         """Record ``k`` successful, not slow calls of the current CLOSED period.
@@ -530,7 +556,7 @@ class BreakerMachine:
         n = w.n
         changed = before < self._min <= n or isinstance(w, _TimeWindow)
         if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
-            self._go(_OPEN, now)
+            self._step(RATES_EXCEEDED, now)
 
     def record_rejections(self, k: int) -> None:
         """Count ``k`` calls the facade rejected on its own (OPEN, before the wait ended)."""
