@@ -211,15 +211,16 @@ class PostgresBackend:
             f"SELECT {_COLS} FROM {p}es_events WHERE position >= $1 AND type = ANY($3::text[])"
             " ORDER BY position LIMIT $2"
         )
-        live = f"NOT EXISTS (SELECT 1 FROM {p}es_streams WHERE name = $1 AND deleted)"
-        self._q_fwd = (
-            f"SELECT {_COLS} FROM {p}es_events WHERE stream = $1 AND version >= $2 AND {live}"
-            " ORDER BY version LIMIT $3"
+        # One round trip answers "deleted?" and returns the page: always at least one
+        # row, whose last column is the tombstone flag (event columns NULL if none).
+        tomb = (
+            f"SELECT e.*, d.deleted FROM (SELECT coalesce((SELECT deleted FROM {p}es_streams"
+            " WHERE name = $1), false) AS deleted) d LEFT JOIN LATERAL (SELECT"
+            f" {_COLS} FROM {p}es_events WHERE stream = $1 AND version {{op}} $2"
+            " ORDER BY version {dir} LIMIT $3) e ON NOT d.deleted"
         )
-        self._q_back = (
-            f"SELECT {_COLS} FROM {p}es_events WHERE stream = $1 AND version <= $2 AND {live}"
-            " ORDER BY version DESC LIMIT $3"
-        )
+        self._q_fwd = tomb.format(op=">=", dir="ASC")
+        self._q_back = tomb.format(op="<=", dir="DESC")
         self._q_state = f"SELECT version, deleted FROM {p}es_streams WHERE name = $1"
         self._q_sub = (
             "WITH s AS (SELECT pg_current_snapshot()::text AS snap) "
@@ -405,11 +406,9 @@ class PostgresBackend:
                 found = await self._pool.fetch(self._q_back, stream, start, limit)
             else:
                 found = await self._pool.fetch(self._q_fwd, stream, from_version, limit)
-            if not found:
-                state = await self._pool.fetchrow(self._q_state, stream)
-                if state is not None and state[1]:
-                    raise StreamDeleted(stream)
-        return _rows(found)
+        if found[0][9]:
+            raise StreamDeleted(stream)
+        return _rows(found) if found[0][0] is not None else []
 
     async def read_all(
         self, from_position: int, limit: int, types: Sequence[str] | None
