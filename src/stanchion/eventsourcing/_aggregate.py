@@ -114,6 +114,7 @@ class Aggregate:
     _appliers: ClassVar[dict[type, Callable[[Any, Any], None]]] = {}
     _event_classes: ClassVar[dict[str, type]] = {}
     _decoder_cache: ClassVar[dict[str, tuple[Callable[[bytes], Any], type]]]
+    _hints_cache: ClassVar[dict[str, Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -173,13 +174,20 @@ class Aggregate:
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Set attributes from a snapshot, converted to the class's annotations."""
-        hints = typing.get_type_hints(type(self))
+        cls = type(self)
+        hints: dict[str, Any] | None = cls.__dict__.get("_hints_cache")
+        if hints is None:
+            hints = cls._hints_cache = typing.get_type_hints(cls)
         for key, value in state.items():
             hint = hints.get(key)
-            setattr(self, key, value if hint is None else msgspec.convert(value, hint))
+            if hint is None or (hint in _PLAIN and type(value) is hint):
+                setattr(self, key, value)
+            else:
+                setattr(self, key, msgspec.convert(value, hint))
 
 
 _SKIP = frozenset({"id", "version"})
+_PLAIN = frozenset({int, str, float, bool})
 
 
 class _Snapshot(msgspec.Struct):
