@@ -10,7 +10,7 @@ from stanchion.testing.conformance.pubsub import *  # noqa: F403
 from stanchion.testing.pytest_plugin import backend_params, need_service
 from stanchion.testing.services import run_sync, with_query
 
-BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp")
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "mqtt")
 
 # The shared Redis does not persist: the warning is asserted in tests/pubsub.
 pytestmark = pytest.mark.filterwarnings("ignore:Redis at .* does not persist:RuntimeWarning")
