@@ -516,7 +516,7 @@ async def _in_process_crash(broker: Broker) -> None:
     dead = await broker.subscribe("crash", hang, group="g", ack_timeout=0.5, prefetch=1)
     mid = await broker.publish("crash", {"n": 1})
     await asyncio.wait_for(got.wait(), 10)
-    for task in [*dead._loops, *dead._tasks]:
+    for task in [*dead._loops, *dead._workers]:
         task.cancel()
     broker._subs.discard(dead)
     sink = Sink()
