@@ -12,7 +12,8 @@ SQLite backend), with 1 KB messages:
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_pubsub.py [-n 2000] [--only redis,nats,amqp,mqtt,sqlite]
+    .venv/bin/python benchmarks/bench_pubsub.py [-n 1000] [--rounds 3]
+        [--only redis,nats,amqp,mqtt,sqlite]
 
 Needs the shared services on their default ports. Numbers are msg/s; the
 machine is shared and noisy, so compare ratios taken in the same run.
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -448,7 +450,7 @@ def ratio(a: float | None, b: float | None) -> str:
     return "" if a is None or not b else f" ({a / b:.2f}x)"
 
 
-async def run(n: int, only: set[str]) -> None:
+async def run(n: int, only: set[str], rounds: int) -> None:
     tmp = tempfile.mkdtemp()
     plans: list[tuple[str, dict[str, Callable[[], Awaitable[Result]]]]] = []
     redis_url = "redis://127.0.0.1:6379/0"
@@ -509,17 +511,31 @@ async def run(n: int, only: set[str]) -> None:
                 {"stanchion": lambda: stanchion_bench(f"sqlite:///{tmp}/bench.db", n)},
             )
         )
-    print(f"{n} messages of 1 KB per measure; msg/s (ratio to the raw client)\n")
+    print(
+        f"{n} messages of 1 KB per measure, median of {rounds} interleaved rounds; "
+        "msg/s (ratio to the raw client)\n"
+    )
+    results: dict[tuple[str, str], list[Result]] = {}
+    for r in range(rounds):
+        for broker, runners in plans:
+            for client, fn in runners.items():
+                try:
+                    res = await fn()
+                except Exception as exc:
+                    print(f"  {broker} {client}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    res = {}
+                results.setdefault((broker, client), []).append(res)
+        print(f"  round {r + 1} done", file=sys.stderr, flush=True)
     print("| broker | client | publish, awaited | publish, batched | end to end with acks |")
     print("|---|---|---:|---:|---:|")
     for broker, runners in plans:
         base: Result = {}
-        for client, fn in runners.items():
-            try:
-                res = await fn()
-            except Exception as exc:
-                print(f"  {broker} {client}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                res = {}
+        for client in runners:
+            runs = results[(broker, client)]
+            res: Result = {}
+            for k in ("pub", "pub_batch", "e2e"):
+                vals = sorted(v for x in runs if (v := x.get(k)) is not None)
+                res[k] = statistics.median(vals) if vals else None
             if client.startswith("raw"):
                 base = res
             cells = [
@@ -533,8 +549,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--only", default="redis,nats,amqp,mqtt,sqlite")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    asyncio.run(run(args.n, set(args.only.split(","))))
+    asyncio.run(run(args.n, set(args.only.split(",")), args.rounds))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,23 @@ async def test_dedupe_stores(scheme: str, request: pytest.FixtureRequest, tmp_pa
         assert await store.begin("k2", 30) == "new"  # the lease of a dead consumer expired
     finally:
         await store.close()
+
+
+async def test_connect_as_context_manager(memory_url: str) -> None:
+    async with Broker.connect(memory_url) as broker:
+        sink = Sink()
+        await broker.subscribe("cm", sink, group="g")
+        await broker.publish("cm", b"x")
+        await eventually(lambda: len(sink.messages) == 1)
+    with pytest.raises(ConfigError):
+        await broker.publish("cm", b"y")
+
+
+async def test_amqp_mandatory_unroutable_topic_is_an_error(pubsub_amqp_url: str) -> None:
+    from stanchion.errors import PublishError
+
+    async with Broker.connect(pubsub_amqp_url + "&mandatory=true") as broker:
+        with pytest.raises(PublishError, match="no queue bound"):
+            await broker.publish("nobody.listens", b"x")
+        await broker.declare("somebody.listens", group="g")
+        await broker.publish("somebody.listens", b"x")

@@ -22,7 +22,7 @@ import contextvars
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final, Self
@@ -59,6 +59,7 @@ from stanchion.urls import BackendRegistry, default_registry
 
 __all__ = [
     "Broker",
+    "Connecting",
     "Handler",
     "Middleware",
     "Outgoing",
@@ -200,7 +201,7 @@ class Broker:
         self._closed = False
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         url: str,
         *,
@@ -209,8 +210,9 @@ class Broker:
         clock: Clock = monotonic,
         logger: StructLogger | None = None,
         backends: BackendRegistry | None = None,
-    ) -> Broker:
-        """Connect to the broker at ``url``.
+    ) -> Connecting:
+        """Connect to the broker at ``url``: ``await Broker.connect(url)`` or
+        ``async with Broker.connect(url) as broker``.
 
         ``memory://name``, ``sqlite:///path.db``, ``redis://host:6379/0``,
         ``nats://host:4222``, ``amqp://user:pass@host/vhost``,
@@ -229,19 +231,23 @@ class Broker:
             ConfigError: bad URL, unknown scheme, missing extra.
             BackendUnavailable: the broker cannot be reached.
         """
-        factory, parsed = (backends or default_registry).load("pubsub", url)
-        open_ = getattr(factory, "open", None)
-        if open_ is None:
-            raise ConfigError(f"pubsub backend for {parsed.masked()} has no open()")
-        driver = await open_(parsed)
-        return cls(
-            driver,
-            url=parsed.masked(),
-            middleware=middleware,
-            metrics=metrics,
-            clock=clock,
-            logger=logger,
-        )
+
+        async def open_() -> Broker:
+            factory, parsed = (backends or default_registry).load("pubsub", url)
+            opener = getattr(factory, "open", None)
+            if opener is None:
+                raise ConfigError(f"pubsub backend for {parsed.masked()} has no open()")
+            driver = await opener(parsed)
+            return cls(
+                driver,
+                url=parsed.masked(),
+                middleware=middleware,
+                metrics=metrics,
+                clock=clock,
+                logger=logger,
+            )
+
+        return Connecting(open_)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -510,6 +516,35 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class Connecting:
+    """What :meth:`Broker.connect` returns: await it, or use it with ``async with``.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_broker", "_open")
+
+    def __init__(self, open_: Callable[[], Awaitable[Broker]]) -> None:
+        self._open = open_
+        self._broker: Broker | None = None
+
+    def __await__(self) -> Generator[Any, None, Broker]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Broker:
+        self._broker = await self._open()
+        return self._broker
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._broker is not None:
+            await self._broker.close()
 
 
 class _Held:
