@@ -279,7 +279,8 @@ class Broker:
         if key is not None and not isinstance(key, str):
             raise ConfigError(f"key must be a str or None, got {type(key).__name__}")
         payload = _encode_data(data, hdrs)
-        mid = str(id) if id is not None else uuid.uuid4().hex
+        rnd = os.urandom(40).hex()
+        mid = str(id) if id is not None else rnd[48:80]
         if not mid:
             raise ConfigError("message id must not be empty")
         parent = _current.get()
@@ -287,7 +288,6 @@ class Broker:
             inherited = parent.headers.get(H_CORRELATION) if parent is not None else None
             hdrs[H_CORRELATION] = inherited or mid
         tp = hdrs.get(H_TRACEPARENT) or (parent.headers.get(H_TRACEPARENT) if parent else None)
-        rnd = os.urandom(24).hex()
         hdrs[H_TRACEPARENT] = child_traceparent(tp, rnd[:32], rnd[32:48])
         return OutboundMessage(topic, mid, key, hdrs, payload, _now_us())
 
@@ -399,7 +399,8 @@ class Broker:
             dead_letter: dead-letter topic; default ``<topic>.dead``; ``False``
                 drops failed messages (logged) instead.
             ordered_by_key: one message per key at a time, in order; a failing
-                message holds back only its own key.
+                message holds back only its own key. Order holds within this
+                subscription (each member of a group orders what it receives).
             prefetch: at most this many unacked messages held (default
                 ``max(16, 4 * concurrency)``).
             ack_timeout: a message held by a consumer that died is redelivered
