@@ -13,7 +13,7 @@ from typing import Any, final
 from prometheus_client import CollectorRegistry
 
 from stanchion.clock import Clock, monotonic
-from stanchion.election._backend import Capabilities, LeaseBackend
+from stanchion.election._backend import Capabilities, Grant, Holder, LeaseBackend
 from stanchion.election._core import (
     Acquired,
     Busy,
@@ -27,6 +27,7 @@ from stanchion.election._core import (
     StepDown,
     Tick,
     TryAcquire,
+    Vacated,
     Wait,
 )
 from stanchion.errors import BackendUnavailable, ConfigError, LeadershipLost
@@ -339,7 +340,8 @@ class LeaderElector:
                 if isinstance(action, Wait):
                     delay = max(action.until - now, 0.0)
                     # A little jitter so that candidates do not poll in lockstep.
-                    await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0))
+                    if await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0)):
+                        machine.step(clock(), Vacated())
                     continue
                 assert isinstance(action, TryAcquire)
                 sent = clock()
@@ -359,8 +361,9 @@ class LeaderElector:
                     machine.step(now, Failed(str(exc)))
                     continue
                 failing_since, reached = None, True
-                if grant is None:
-                    machine.step(clock(), Busy())
+                if not isinstance(grant, Grant):
+                    holder = grant if isinstance(grant, Holder) else None
+                    machine.step(clock(), Busy(holder.remaining if holder else None))
                     continue
                 step = machine.step(clock(), Acquired(grant.token, sent))
                 if isinstance(step, StepDown):

@@ -90,7 +90,7 @@ class EtcdLeases:
             if "not found" not in str(exc):
                 raise
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if the key is absent; the txn revision is the token."""
         key = self._key(group)
         if await self._range(key) is not None:
@@ -169,9 +169,10 @@ class EtcdLeases:
         identity = base64.b64decode(kv.get("value", "")).decode()
         return Holder(identity, int(kv["create_revision"]), remaining)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep ``seconds``."""
         await asyncio.sleep(seconds)
+        return False
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
