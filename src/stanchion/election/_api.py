@@ -398,7 +398,7 @@ class LeaderElector:
                         self.backend.renew(self.group, self.identity, action.token, self.ttl),
                         min(budget, self.connect_timeout),
                     )
-                except BackendUnavailable as exc:
+                except Exception as exc:  # unreachable, or a bug in a backend: keep trying
                     self._m_renewals.labels(self.group, "failed").inc()
                     self._log.warning("election.renew_failed", token=lease.token, error=str(exc))
                     action = machine.step(clock(), Failed(str(exc)))
