@@ -15,7 +15,8 @@ and a restart, a flush, a failover to a replica that lagged):
   have lost a lease that a leader still trusts; the script then refuses
   to elect (the candidate sees the lease as busy) until Redis has been up
   for ``ttl`` seconds, by which time that leader's own deadline has passed.
-  This is what keeps a restarted Redis from producing two leaders.
+  This is what keeps a restarted Redis from producing two leaders. (Redis
+  reports its uptime in whole seconds, so the wait is ``ceil(ttl) + 1`` s.)
 
 All candidates of a group must use the same ``ttl``.
 """
@@ -132,7 +133,9 @@ class RedisLeases:
         if int(got[0]) == -1:
             info = await self._do(self._r.info("server"))
             uptime = int(info.get("uptime_in_seconds", 0))
-            if uptime < math.ceil(ttl):
+            # uptime_in_seconds subtracts two truncated wall-clock seconds: it may read
+            # one second more than has passed, so demand one second more.
+            if uptime < math.ceil(ttl) + 1:
                 _log.warning(
                     "election.redis_state_lost",
                     group=group,
