@@ -73,6 +73,7 @@ class Lease:
             write) with every side effect.
         lost: an :class:`asyncio.Event` set the moment the lease is lost
             (renewal rejected, deadline passed without renewal, resigned).
+        reason: why the lease was lost (None while it holds).
 
     .. versionadded:: 0.1
     """
