@@ -316,13 +316,8 @@ class ShardedDatabase:
                 slot.url, slot.shard = url, None
                 if old is not None:
                     asyncio.get_running_loop().create_task(old.close())
-        changed = state.version != self._applied_version
         self._applied_version = state.version
         self._version_gauge.set(state.version)
-        if changed:
-            for slot in self._slots.values():
-                if slot.shard is not None and slot.shard.dialect != "sqlite":
-                    asyncio.get_running_loop().create_task(slot.shard.expire())
 
     def _new_breaker(self, name: str) -> CircuitBreaker:
         o = self.options

@@ -1,9 +1,8 @@
 """PostgreSQL shards and map store (asyncpg).
 
 Each shard has its own asyncpg pool. A connection declares the router's map
-version in the session setting ``stanchion.map_version`` when it is opened;
-when the router's version changes the pool's connections are expired so the
-next ones declare the new version (the write fence compares it).
+version in the session setting ``stanchion.map_version`` when it is acquired
+and the version moved since it last did (the write fence compares it).
 """
 
 from __future__ import annotations
@@ -141,11 +140,28 @@ class PostgresShard:
         self._version_fn = version_fn
         self._pool: Any = None
         self._stmts = _Statements()
+        self._declared: dict[int, int] = {}
 
-    async def _init(self, conn: Any) -> None:
+    async def _declare(self, conn: Any) -> None:
+        # Runs on every acquire: one round trip only when the router's map
+        # version moved since this connection last declared it.
+        version = self._version_fn()
+        pid = conn.get_server_pid()
+        if self._declared.get(pid) != version:
+            await conn.execute(
+                "SELECT set_config('stanchion.map_version', $1, false)", str(version)
+            )
+            self._declared[pid] = version
+
+    async def _reset(self, conn: Any) -> None:
+        # asyncpg's own reset (RESET ALL clears our setting too) plus the
+        # declaration, in the one round trip a release costs anyway.
+        version = int(self._version_fn())
         await conn.execute(
-            "SELECT set_config('stanchion.map_version', $1, false)", str(self._version_fn())
+            "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; "
+            f"SELECT set_config('stanchion.map_version', '{version}', false)"
         )
+        self._declared[conn.get_server_pid()] = version
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> PostgresShard:
@@ -158,7 +174,9 @@ class PostgresShard:
                 max_size=shard._size,
                 timeout=shard._timeout,
                 command_timeout=None,
-                init=shard._init,
+                init=shard._declare,
+                setup=shard._declare,
+                reset=shard._reset,
             )
         except Exception as exc:
             raise _map_error(exc, shard.where) from exc
@@ -208,9 +226,7 @@ class PostgresShard:
                 await self._pool.release(conn)
 
     async def expire(self) -> None:
-        """Reopen connections so they declare the new map version."""
-        if self._pool is not None:
-            await self._pool.expire_connections()
+        """Nothing to do: each acquire declares the router's current map version."""
 
     async def close(self) -> None:
         """Close the pool."""

@@ -44,13 +44,13 @@ def _q(name: str) -> str:
 
 
 def _map_error(exc: BaseException, where: str) -> BaseException:
-    if isinstance(exc, sqlite3.IntegrityError):
-        return ConflictError(f"{where}: {exc}")
     msg = str(exc)
     if FENCE_MESSAGE in msg or "no such function: stanchion_map_version" in msg:
         return ShardMapChanged(
             "the shard map changed (a reshard is cutting over); reload the map and retry"
         )
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConflictError(f"{where}: {exc}")
     if isinstance(exc, sqlite3.OperationalError) and (
         "unable to open" in msg or "disk I/O" in msg or "readonly" in msg
     ):
