@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from stanchion.errors import (
     BackendUnavailable,
@@ -113,7 +113,7 @@ class ScatterResult:
 
 
 class _Slot:
-    __slots__ = ("breaker", "lock", "name", "shard", "url")
+    __slots__ = ("breaker", "counts", "lock", "name", "shard", "url")
 
     def __init__(self, name: str, url: str, breaker: CircuitBreaker) -> None:
         self.name = name
@@ -121,6 +121,7 @@ class _Slot:
         self.breaker = breaker
         self.shard: Shard | None = None
         self.lock = asyncio.Lock()
+        self.counts: dict[str, Any] = {}
 
 
 class Transaction:
@@ -423,9 +424,15 @@ class ShardedDatabase:
                 )
             return slot.shard
 
+    def _count(self, slot: _Slot, op: str) -> None:
+        child = slot.counts.get(op)
+        if child is None:
+            child = slot.counts[op] = self._queries.labels(slot.name, op)
+        child.inc()
+
     async def _call(self, name: str, op: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
-        slot = self._slot(name)
-        self._queries.labels(name, op).inc()
+        slot = self._slots.get(name) or self._slot(name)
+        self._count(slot, op)
         try:
             shard = slot.shard
             if shard is None:
@@ -436,9 +443,15 @@ class ShardedDatabase:
             raise ShardUnavailable({name: exc}) from exc
 
     async def _routed(self, key: Key, sql: str, op: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
-        info = self._info(sql)
+        info = self._cache.get(sql)
+        if info is None or info.missing_key is not None or (info.writes and info.reference):
+            info = self._info(sql)
         for _ in range(5):
-            name = await self._route(key, info.writes)
+            st = self._map._state
+            if info.writes and st.reshard is not None:
+                name = await self._route(key, True)
+            else:
+                name = st.strategy.shard_for(key)
             try:
                 return await self._call(name, op, fn)
             except ShardMapChanged:

@@ -130,8 +130,18 @@ def _h64(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
 
 
-def _key_hash(key: object) -> int:
-    return _h64(encode_key(key))
+def _key_hash(key: object, _b2b: Any = blake2b, _from: Any = int.from_bytes) -> int:
+    # encode_key + _h64 inlined: this is on every routed query's path
+    cls = type(key)
+    if cls is str:
+        data = key.encode()  # type: ignore[attr-defined]
+    elif cls is int and _INT_MIN <= key <= _INT_MAX:  # type: ignore[operator]
+        data = key.to_bytes(8, "big", signed=True)  # type: ignore[attr-defined]
+    elif cls is bytes:
+        data = key
+    else:
+        data = encode_key(key)
+    return _from(_b2b(data, digest_size=8).digest(), "big")  # type: ignore[no-any-return]
 
 
 def _check_name(shard: object) -> str:
@@ -958,7 +968,7 @@ def inspect_statement(
     mentions each sharded table's key where routing to one shard needs it.
 
     A SELECT, UPDATE or DELETE must name the key column after ``WHERE``; an
-    INSERT must list it among its columns. Statements of other kinds (DDL)
+    INSERT with a column list must list it. Statements of other kinds (DDL)
     are not checked.
     """
     tokens: list[str] = []
@@ -988,11 +998,10 @@ def inspect_statement(
             if first == "insert" or first == "replace" or first == "upsert":
                 try:
                     at = low.index("into")
-                    close = low.index(")", at)
-                    listed = col in low[at:close]
-                except ValueError:
-                    listed = False
-                ok = listed
+                    # no column list means every column, the key included
+                    ok = low[at + 2] != "(" or col in low[at : low.index(")", at)]
+                except (ValueError, IndexError):
+                    ok = False
             else:
                 ok = "where" in low and col in low[low.index("where") :]
                 if not ok and "on" in low:  # join ... on t.key = ... also pins the key
