@@ -178,6 +178,22 @@ def _weights(
     return names, tuple(1.0 for _ in names)
 
 
+def _with_weights(
+    shards: Iterable[str] | Mapping[str, float], weights: Mapping[str, float] | None, what: str
+) -> Iterable[str] | Mapping[str, float]:
+    if weights is None:
+        return shards
+    if isinstance(shards, Mapping):
+        raise ConfigError(f"{what}: give weights either in the shard mapping or as weights=")
+    names = list(shards)
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+        raise UnknownShard(
+            unknown[0], tuple(names), f"{what}: weights name unknown shard(s) {unknown}"
+        )
+    return {n: weights.get(n, 1.0) for n in names}
+
+
 def _unknown(shard: str, shards: Sequence[str]) -> UnknownShard:
     return UnknownShard(shard, tuple(shards))
 
@@ -283,6 +299,8 @@ class HashRing(Strategy):
             shard of weight 2 gets twice the points, so about twice the keys).
         vnodes: ring points per shard per unit of weight (default 2048, which
             keeps max/mean load <= 1.1).
+        weights: alternatively, ``{name: weight}`` for some of ``shards``
+            (the others weigh 1).
 
     .. versionadded:: 0.1
     """
@@ -291,16 +309,20 @@ class HashRing(Strategy):
     __slots__ = ("_owners", "_points", "_vnodes", "_weights")
 
     def __init__(
-        self, shards: Iterable[str] | Mapping[str, float], vnodes: int = DEFAULT_VNODES
+        self,
+        shards: Iterable[str] | Mapping[str, float],
+        vnodes: int = DEFAULT_VNODES,
+        *,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
             raise ConfigError(f"HashRing: vnodes must be an integer >= 1, got {vnodes!r}")
-        names, weights = _weights(shards, "HashRing")
+        names, weights_ = _weights(_with_weights(shards, weights, "HashRing"), "HashRing")
         self._shards = names
-        self._weights = weights
+        self._weights = weights_
         self._vnodes = vnodes
         ring: dict[int, str] = {}
-        for name, weight in zip(names, weights):
+        for name, weight in zip(names, weights_):
             prefix = name.encode("utf-8") + b"#"
             for i in range(max(1, round(vnodes * weight))):
                 point = _h64(prefix + str(i).encode())
@@ -352,6 +374,7 @@ class Rendezvous(Strategy):
 
     Args:
         shards: shard names, or a ``{name: weight}`` mapping.
+        weights: alternatively, ``{name: weight}`` for some of ``shards``.
 
     .. versionadded:: 0.1
     """
@@ -359,12 +382,17 @@ class Rendezvous(Strategy):
     kind = "rendezvous"
     __slots__ = ("_prefixes", "_weighted", "_weights")
 
-    def __init__(self, shards: Iterable[str] | Mapping[str, float]) -> None:
-        names, weights = _weights(shards, "Rendezvous")
+    def __init__(
+        self,
+        shards: Iterable[str] | Mapping[str, float],
+        *,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        names, ws = _weights(_with_weights(shards, weights, "Rendezvous"), "Rendezvous")
         self._shards = names
-        self._weights = weights
-        self._weighted = any(w != 1.0 for w in weights)
-        self._prefixes = [(n.encode("utf-8") + b"\x00", n, w) for n, w in zip(names, weights)]
+        self._weights = ws
+        self._weighted = any(w != 1.0 for w in ws)
+        self._prefixes = [(n.encode("utf-8") + b"\x00", n, w) for n, w in zip(names, ws)]
 
     @property
     def weights(self) -> dict[str, float]:
