@@ -112,6 +112,10 @@ class ScatterResult:
         return not self.failed
 
 
+def _is_down(exc: BaseException) -> bool:
+    return isinstance(exc, CircuitOpenError | BackendUnavailable | ShardUnavailable)
+
+
 class _Slot:
     __slots__ = ("breaker", "counts", "lock", "name", "shard", "url")
 
@@ -245,7 +249,10 @@ class ShardedDatabase:
         await shard_map._declare(tables, refs, schema)
         db = cls(shard_map, options=options or RouterOptions(), registry=registry, metrics=metrics)
         if schema:
-            await db.execute_all_statements(list(schema))
+            try:
+                await db.execute_all_statements(list(schema))
+            except ShardUnavailable as exc:  # a down shard must not stop the others
+                _log.warning("shard.schema_skipped", shards=sorted(exc.shards), error=str(exc))
         db._watch_task = asyncio.create_task(db._watch(), name="stanchion-shardmap-watch")
         return db
 
@@ -521,7 +528,9 @@ class ShardedDatabase:
 
         Args:
             on_error: ``"raise"``: any failed shard raises
-                :class:`ShardUnavailable` naming every failed shard;
+                :class:`ShardUnavailable` naming every failed shard (an
+                error that is not an outage, such as bad SQL, is raised as
+                is);
                 ``"partial"``: return the rows of the shards that answered
                 and name the others in ``ScatterResult.failed``.
         """
@@ -553,6 +562,9 @@ class ShardedDatabase:
             else:
                 rows.extend(res)
         if failed and on_error == "raise":
+            other = [e for e in failed.values() if not _is_down(e)]
+            if other:  # a bad statement is the caller's error, not an outage
+                raise other[0]
             first = next(iter(failed.values()))
             raise ShardUnavailable(failed) from first
         return ScatterResult(rows, failed)
