@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
@@ -31,6 +32,13 @@ __all__ = ["RouterOptions", "ScatterResult", "ShardedDatabase", "Transaction", "
 
 T = TypeVar("T")
 _log = get_logger("stanchion.sharding")
+
+# The shard-map version under which the current task made its routing
+# decision. Shard connections declare it to the write fence (not the map's
+# latest version): a write routed by a map that a reshard has since paused or
+# cut over must be rejected by the fence even if the map was reloaded between
+# the decision and the statement.
+_ROUTING: ContextVar[int | None] = ContextVar("stanchion_shard_routing_version", default=None)
 
 
 async def open_shard(
@@ -383,13 +391,16 @@ class ShardedDatabase:
         return info
 
     async def _route(self, key: Key, write: bool) -> str:
-        st = self._map.state
+        """The owner of ``key``; also makes the map version it was decided under
+        the version this task's next statements declare to the shard's fence."""
+        st = self._map._state
         owner = st.strategy.shard_for(key)
         if write and st.reshard is not None and st.reshard["phase"] == "pause":
             target = cast(Strategy, st.reshard["strategy"])
             if target.shard_for(key) != owner:
                 await self._wait_pause(key)
                 return await self._route(key, write)
+        _ROUTING.set(st.version)
         return owner
 
     async def _wait_pause(self, key: object) -> None:
@@ -420,7 +431,8 @@ class ShardedDatabase:
                 state = self._map
 
                 def version() -> int:
-                    return state.state.version
+                    v = _ROUTING.get()
+                    return v if v is not None else state.state.version
 
                 slot.shard = await open_shard(
                     slot.url,
@@ -459,6 +471,7 @@ class ShardedDatabase:
                 name = await self._route(key, True)
             else:
                 name = st.strategy.shard_for(key)
+                _ROUTING.set(st.version)
             try:
                 return await self._call(name, op, fn)
             except ShardMapChanged:
@@ -539,6 +552,7 @@ class ShardedDatabase:
         if not isinstance(sql, str):
             raise ConfigError(f"sql must be a string, got {type(sql).__name__}")
         st = self._map.state
+        _ROUTING.set(st.version)
         info = inspect_statement(sql, st.tables, st.reference_tables)
         names = st.strategy.shards
         results = await asyncio.gather(
@@ -598,6 +612,7 @@ class ShardedDatabase:
             await self._wait_pause("reference tables")
             st = self._map.state
         names = list(st.strategy.shards if touches_sharded else st.all_urls)
+        _ROUTING.set(st.version)
 
         async def run(shard: Shard) -> int:
             n = 0
