@@ -41,7 +41,7 @@ SHARDS = [f"s{i}" for i in range(10)]
 
 
 def bench_lookups(n_keys: int) -> list[tuple[str, float]]:
-    from uhashring import HashRing as UHashRing  # type: ignore[import-untyped]
+    from uhashring import HashRing as UHashRing
 
     keys = [f"user-{i}" for i in range(n_keys)]
     int_keys = list(range(n_keys))
@@ -68,7 +68,7 @@ def bench_lookups(n_keys: int) -> list[tuple[str, float]]:
 
 
 def bench_movement(n_keys: int) -> list[tuple[str, float, float, float]]:
-    from uhashring import HashRing as UHashRing  # type: ignore[import-untyped]
+    from uhashring import HashRing as UHashRing
 
     keys = [f"user-{i}" for i in range(n_keys)]
     eleven = [*SHARDS, "s10"]
