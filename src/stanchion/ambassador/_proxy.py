@@ -567,6 +567,8 @@ class _Request:
     def attach(self, conn: _Upstream, head: bytes, retry: bool) -> None:
         """Send the head and whatever body is available to ``conn``."""
         self.conn = conn
+        self.early = None
+        self.upstream_done = False
         conn.start(self, head)
         transport = conn.transport
         assert transport is not None
@@ -789,6 +791,9 @@ class _Client(asyncio.Protocol):
         if self.active is None:
             self._arm(self.cfg.header_timeout, self._header_timeout)
         req = _Request(self)
+        rt = self.amb._rt
+        if rt is not None:
+            req.replay_limit = rt.replay_limit
         self.req = req
         self.header_bytes = 0
         self.header_count = 0
@@ -979,6 +984,7 @@ class _Runtime:
         self.trusted = [
             ipaddress.ip_network(c, strict=False) for c in config.listen.trusted_proxies
         ]
+        self.replay_limit = max((r.retry.replay_buffer_bytes for r in config.routes), default=0)
 
 
 class Ambassador:
@@ -1303,6 +1309,7 @@ class Ambassador:
                     if conn is not None:
                         conn.drain()
                         req.conn = None
+                    req.early = None
                 elif not self._should_retry(req, policy, attempt, outcome, rc):
                     if outcome.kind is OutcomeKind.TIMEOUT:
                         self._local(req, 504, "timeout", "upstream request timeout", rc)
