@@ -305,7 +305,7 @@ async def upstream() -> AsyncIterator[UpstreamFactory]:
     async def make(name: str = "up", **kw: Any) -> FakeUpstream:
         up = FakeUpstream(name=name, **kw)
         loop = asyncio.get_running_loop()
-        up.server = await loop.create_server(lambda: _UpProto(up), "127.0.0.1", 0)
+        up.server = await loop.create_server(lambda: _UpProto(up), "127.0.0.1", 0, backlog=2048)
         servers.append(up)
         return up
 
