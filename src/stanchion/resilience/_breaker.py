@@ -352,12 +352,12 @@ class CircuitBreaker:
 
     # -- batching of fast successes (call these with the lock held) ----------------
 
-    def _flush(self) -> None:
+    def _flush(self, now: float) -> None:
         c = next(self._oks)
         k = c - self._base - 1
         self._base = c
         if k > 0:
-            self._machine.record_successes(k, self._last_t)
+            self._machine.record_successes(k, now, self._last_t)
 
     def _rearm(self, now: float) -> None:
         need = self._machine.successes_before_check()
@@ -367,7 +367,7 @@ class CircuitBreaker:
 
     def _sync(self, now: float) -> None:
         with self._lock:
-            self._flush()
+            self._flush(now)
             self._rearm(now)
         if self._machine.transitions:
             self._drain()
@@ -378,7 +378,7 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             m.poll(now)
             self._rearm(now)
         if m.transitions:
@@ -391,7 +391,7 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             m.poll(now)
             snap = m.metrics(now)
             self._rearm(now)
@@ -426,7 +426,7 @@ class CircuitBreaker:
     def _manual(self, op: Callable[[float], None]) -> None:
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             op(now)
             self._rearm(now)
         self._drain(manual=True)
@@ -517,7 +517,7 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             d = m.admit(now)
             self._rearm(now)
         if m.transitions:
@@ -545,7 +545,7 @@ class CircuitBreaker:
             outcome |= SLOW
         m = self._machine
         with self._lock:
-            self._flush()
+            self._flush(end)
             m.record(outcome, end, epoch)
             self._rearm(end)
         if self._shared is not None and epoch == m.epoch:
