@@ -1,0 +1,16 @@
+"""The pub/sub conformance suite over every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from stanchion.testing.conformance.pubsub import *  # noqa: F403
+from stanchion.testing.pytest_plugin import backend_params
+
+BACKENDS = ("memory", "sqlite")
+
+
+@pytest.fixture(params=backend_params(*BACKENDS))
+def backend_url(request: pytest.FixtureRequest) -> str:
+    scheme = request.param
+    return str(request.getfixturevalue(f"{scheme}_url"))
