@@ -13,6 +13,7 @@ time; :class:`Outbox` relays the events to a pub/sub topic.
 
 from __future__ import annotations
 
+from stanchion.cqrs._app import App
 from stanchion.cqrs._backend import ParkedEvent, ReadModel, SQLTransaction, Transaction, View
 from stanchion.cqrs._bus import (
     CommandBus,
@@ -28,6 +29,7 @@ from stanchion.cqrs._bus import (
     validation_middleware,
 )
 from stanchion.cqrs._core import Checkpoint, Lag
+from stanchion.cqrs._outbox import Outbox
 from stanchion.cqrs._projection import Projection, handles
 from stanchion.cqrs._runner import ProjectionRunner, ProjectionStatus
 from stanchion.errors import (
@@ -38,6 +40,7 @@ from stanchion.errors import (
 )
 
 __all__ = [
+    "App",
     "Checkpoint",
     "CommandBus",
     "CommandResult",
@@ -46,6 +49,7 @@ __all__ = [
     "InvalidMessage",
     "Lag",
     "Middleware",
+    "Outbox",
     "ParkedEvent",
     "Projection",
     "ProjectionError",

@@ -184,10 +184,12 @@ def event_type_name(cls: type[Any] | str) -> str:
         if not cls:
             raise ConfigError("an event type name cannot be empty")
         return cls
-    for attr in ("__event_type__", "event_type"):
-        value = cls.__dict__.get(attr)
-        if isinstance(value, str) and value:
-            return value
+    value = getattr(cls, "__event_type__", None)
+    if isinstance(value, str) and value:
+        return value
+    value = cls.__dict__.get("event_type")
+    if isinstance(value, str) and value:
+        return value
     return cls.__name__
 
 

@@ -95,6 +95,24 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
+async def _pump(store: Any, start: int, queue: asyncio.Queue[Any]) -> None:
+    """Feed ``queue`` from ``store.subscribe(start)``; a ``_Stop`` marks its end or error."""
+    subscription = store.subscribe(from_position=start)
+    try:
+        async for event in subscription:
+            await queue.put(event)
+        await queue.put(_Stop(None))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await queue.put(_Stop(exc))
+    finally:
+        close = getattr(subscription, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
 def _position(event: Any) -> int:
     return int(event.position)
 
@@ -338,7 +356,7 @@ class ProjectionRunner:
     async def _follow(self, token: int | None, lease: Any) -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * self.batch_size, 64))
         self._queue = queue
-        pump = asyncio.ensure_future(self._pump(self._checkpoint + 1, queue))
+        pump = asyncio.ensure_future(_pump(self.store, self._checkpoint + 1, queue))
         try:
             while True:
                 first = await queue.get()
@@ -365,18 +383,6 @@ class ProjectionRunner:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-
-    async def _pump(self, start: int, queue: asyncio.Queue[Any]) -> None:
-        try:
-            async for event in self.store.subscribe(from_position=start):
-                if self._pending_since is None:
-                    self._pending_since = _timestamp(getattr(event, "recorded_at", None))
-                await queue.put(event)
-            await queue.put(_Stop(None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await queue.put(_Stop(exc))
 
     # -- one transaction -------------------------------------------------------
 
@@ -515,7 +521,12 @@ class ProjectionRunner:
         head = await head_position(self.store)
         waiting = self._queue.qsize() if self._queue is not None else None
         behind = None if head is not None else waiting
-        return Lag.compute(self._checkpoint, head, behind, self._pending_since, time.time())
+        pending = self._pending_since
+        if pending is None and head is not None and head > self._checkpoint:
+            with contextlib.suppress(Exception):
+                async for event in self.store.read_all(from_position=self._checkpoint + 1, limit=1):
+                    pending = _timestamp(getattr(event, "recorded_at", None))
+        return Lag.compute(self._checkpoint, head, behind, pending, time.time())
 
     async def status(self) -> ProjectionStatus:
         """This projection's checkpoint, lag, parked count and leadership."""
