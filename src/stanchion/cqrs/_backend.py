@@ -240,7 +240,7 @@ class ReadModel:
         raise NotImplementedError
 
     async def checkpoint(self, name: str, *, shadow: bool = False) -> Checkpoint:
-        """The stored checkpoint of ``name`` (position -1 when none)."""
+        """The stored checkpoint of ``name`` (0 when none: positions start at 1)."""
         raise NotImplementedError
 
     async def checkpoints(self) -> list[Checkpoint]:

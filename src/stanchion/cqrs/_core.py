@@ -7,7 +7,8 @@ The write side and the read side meet at the event store's global log: every
 event has a *position*, strictly increasing. A projection folds the log into a
 read model (SQL tables or Redis keys). Its progress is one integer, the
 *checkpoint*: the position of the last event whose effect is in the view
-(``NO_POSITION`` = -1 before the first one).
+(``NO_POSITION`` = 0 before the first one: store positions start at 1,
+and 0 is also what ``EventStore.head_position()`` says of an empty log).
 
 Exactly-once in effect
 ----------------------
@@ -89,7 +90,7 @@ __all__ = [
     "validate_name",
 ]
 
-NO_POSITION: Final = -1
+NO_POSITION: Final = 0
 """The checkpoint of a projection that has applied nothing yet."""
 
 H = TypeVar("H")
@@ -202,7 +203,7 @@ class Checkpoint:
 
     Attributes:
         name: the projection name.
-        position: the global position of the last applied event (-1: none).
+        position: the global position of the last applied event (0: none yet).
         token: the fencing token of the last writer, or None when unfenced.
         updated_at: wall-clock seconds of the last write, or None.
         parked: how many events sit in the parked list.

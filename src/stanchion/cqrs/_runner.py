@@ -52,7 +52,7 @@ class ProjectionStatus:
 
     Attributes:
         name: the projection name.
-        checkpoint: position of the last applied event (-1: none).
+        checkpoint: position of the last applied event (0: none yet).
         head: the store's last position, when known.
         lag: events and seconds behind the head.
         parked: how many events are parked.

@@ -251,7 +251,7 @@ async def test_fencing_rejects_stale_token(backend_url: str) -> None:
 
     async with await ReadModel.connect(backend_url) as rm:
         tx = await rm.begin("totals")
-        await tx.commit(-1, 5, 7)
+        await tx.commit(0, 5, 7)
         tx = await rm.begin("totals")
         with pytest.raises(StaleFencingToken):
             await tx.commit(5, 6, 6)  # an older term
