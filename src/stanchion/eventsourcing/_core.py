@@ -257,7 +257,8 @@ def decide_replay(
     Raises:
         DuplicateEventId: some id is stored, but not as a replay of this batch.
     """
-    found = {s.id: s for s in stored}
+    wanted = set(ids)
+    found = {s.id: s for s in stored if s.id in wanted}
     if not found:
         return None
     first = found.get(ids[0])

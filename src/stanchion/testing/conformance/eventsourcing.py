@@ -314,7 +314,7 @@ async def test_subscriber_never_skips_under_concurrent_writers(backend_url: str)
             await asyncio.sleep(0.01)
         release.set()
         await asyncio.wait_for(asyncio.gather(hold, *tasks), 120)
-        await asyncio.wait_for(sub, 60)
+        await asyncio.wait_for(sub, 30)
     finally:
         sub.cancel()
         for s in [reader, holder, *stores]:
