@@ -7,7 +7,7 @@ import pytest
 from stanchion.testing.conformance.election import *  # noqa: F403
 from stanchion.testing.pytest_plugin import backend_params
 
-BACKENDS = ("memory", "sqlite", "file")
+BACKENDS = ("memory", "sqlite", "file", "postgresql", "redis", "etcd")
 
 
 @pytest.fixture(params=backend_params(*BACKENDS))

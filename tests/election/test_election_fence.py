@@ -10,7 +10,7 @@ from stanchion.election import Fence
 from stanchion.errors import ConfigError, StaleFencingToken
 from stanchion.testing.pytest_plugin import backend_params
 
-FENCES = ("memory", "sqlite")
+FENCES = ("memory", "sqlite", "postgresql", "redis")
 
 
 @pytest.fixture(params=backend_params(*FENCES))
