@@ -115,12 +115,11 @@ async def _checkpoint(rm: ReadModel, name: str = "tally") -> Any:
 async def test_sigkill_mid_batch_then_restart_equals_single_replay(
     views: str, tmp_path: Path, procs: Procs, request: pytest.FixtureRequest
 ) -> None:
-    store_url = f"sqlite:///{tmp_path / 'events.db'}"
-    views_url = (
-        request.getfixturevalue("postgres_url")
-        if views == "postgresql"
-        else f"sqlite:///{tmp_path / 'views.db'}"
-    )
+    if views == "postgresql":  # event store, views and checkpoint in one database
+        store_url = views_url = request.getfixturevalue("postgres_url")
+    else:
+        store_url = f"sqlite:///{tmp_path / 'events.db'}"
+        views_url = f"sqlite:///{tmp_path / 'views.db'}"
     total = 6000
     trap_at = 3700
     trap_file = tmp_path / "trapped"
@@ -162,12 +161,18 @@ async def test_sigkill_mid_batch_then_restart_equals_single_replay(
 
 
 @pytest.mark.timeout(120)
-async def test_two_runners_with_election_failover(tmp_path: Path, procs: Procs) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_two_runners_with_election_failover(
+    engine: str, tmp_path: Path, procs: Procs, request: pytest.FixtureRequest
+) -> None:
     from stanchion.election import LeaderElector
 
-    store_url = f"sqlite:///{tmp_path / 'events.db'}"
-    views_url = f"sqlite:///{tmp_path / 'views.db'}"
-    election = f"sqlite:///{tmp_path / 'election.db'}"
+    if engine == "postgresql":
+        store_url = views_url = election = request.getfixturevalue("postgres_url")
+    else:
+        store_url = f"sqlite:///{tmp_path / 'events.db'}"
+        views_url = f"sqlite:///{tmp_path / 'views.db'}"
+        election = f"sqlite:///{tmp_path / 'election.db'}"
     first, more = 1500, 1500
     async with await EventStore.connect(store_url) as store:
         await _append(store, 0, first)
@@ -214,14 +219,20 @@ async def test_two_runners_with_election_failover(tmp_path: Path, procs: Procs) 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:Redis at .* does not persist")
+@pytest.mark.parametrize("broker_kind", ["sqlite", "redis"])
 async def test_outbox_exactly_once_per_id_across_relay_restart(
-    tmp_path: Path, procs: Procs
+    broker_kind: str, tmp_path: Path, procs: Procs, request: pytest.FixtureRequest
 ) -> None:
     from stanchion.pubsub import Broker, Message, idempotent
 
     store_url = f"sqlite:///{tmp_path / 'events.db'}"
     cp_url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    broker_url = f"sqlite:///{tmp_path / 'broker.db'}"
+    broker_url = (
+        request.getfixturevalue("redis_url")
+        if broker_kind == "redis"
+        else f"sqlite:///{tmp_path / 'broker.db'}"
+    )
     dedupe_url = f"sqlite:///{tmp_path / 'dedupe.db'}"
     handled: list[str] = []
     deliveries: list[str] = []

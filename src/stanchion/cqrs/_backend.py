@@ -138,6 +138,9 @@ class Transaction:
         """The checkpoint position as this transaction sees it."""
         raise NotImplementedError
 
+    async def flush(self) -> None:
+        """Send writes still buffered (the runner calls it before committing)."""
+
     async def park(self, event: Any, error: str) -> None:
         """Record ``event`` in the parked list (committed with the checkpoint)."""
         raise NotImplementedError
@@ -153,6 +156,18 @@ class SQLTransaction(Transaction):
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """Run one statement for each row of arguments."""
         raise NotImplementedError
+
+    async def write(self, sql: str, *args: Any) -> None:
+        """Run a statement whose result is not needed; it may be deferred and pipelined.
+
+        On PostgreSQL consecutive writes are sent together (one round trip
+        for many statements) before the next read, ``execute`` or the
+        commit, so a handler still reads its own writes. An error of a
+        deferred write is reported for the event whose transaction flushed
+        it (the runner replays a failed batch event by event, so it lands
+        on the right event). On SQLite it is ``execute``.
+        """
+        await self.execute(sql, *args)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
         """All rows of a query (rows index by position and by column name)."""

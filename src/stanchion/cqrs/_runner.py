@@ -395,6 +395,10 @@ class ProjectionRunner:
         try:
             for event in events:
                 await self._apply(event, tx)
+            try:
+                await tx.flush()
+            except Exception as exc:
+                raise _HandlerFailed(events[-1], exc) from exc
             tx.event = None
             await tx.commit(expected, events[-1].position, token)
         except _HandlerFailed as failed:

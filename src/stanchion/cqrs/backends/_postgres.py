@@ -78,22 +78,50 @@ class _Tx(SQLTransaction):
         self._tr = tr
         self._key = shadow_name(name) if shadow else name
         self._done = False
+        self._pending_sql: str | None = None
+        self._pending: list[tuple[Any, ...]] = []
+
+    async def flush(self) -> None:
+        if self._pending:
+            sql, rows = self._pending_sql, self._pending
+            self._pending_sql, self._pending = None, []
+            assert sql is not None
+            if len(rows) == 1:
+                await self._conn.execute(sql, *rows[0])
+            else:
+                await self._conn.executemany(sql, rows)
+
+    async def write(self, sql: str, *args: Any) -> None:
+        if not args:
+            await self.flush()
+            await self._conn.execute(sql)
+            return
+        sql = qmark_to_dollar(sql)
+        if self._pending_sql != sql:
+            await self.flush()
+            self._pending_sql = sql
+        self._pending.append(args)
 
     async def execute(self, sql: str, *args: Any) -> int:
+        await self.flush()
         if args:
             return _count(await self._conn.execute(qmark_to_dollar(sql), *args))
         return _count(await self._conn.execute(sql))
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.flush()
         await self._conn.executemany(qmark_to_dollar(sql), rows)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        await self.flush()
         return list(await self._conn.fetch(qmark_to_dollar(sql), *args))
 
     async def fetchone(self, sql: str, *args: Any) -> Any:
+        await self.flush()
         return await self._conn.fetchrow(qmark_to_dollar(sql), *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
+        await self.flush()
         return await self._conn.fetchval(qmark_to_dollar(sql), *args)
 
     async def checkpoint_position(self) -> int:
@@ -103,6 +131,7 @@ class _Tx(SQLTransaction):
         return NO_POSITION if value is None else int(value)
 
     async def park(self, event: Any, error: str) -> None:
+        self._pending_sql, self._pending = None, []
         await self._conn.execute(
             f"INSERT INTO {self._model.parked_table} VALUES ($1, $2, $3, $4, $5, $6) "
             "ON CONFLICT (name, position) DO UPDATE SET error = excluded.error",
@@ -115,6 +144,7 @@ class _Tx(SQLTransaction):
         )
 
     async def commit(self, expected: int, position: int, token: int | None) -> None:
+        await self.flush()
         status = await self._conn.execute(
             f"UPDATE {self._model.cp_table} SET position = $1, token = COALESCE($2, token), "
             "updated_at = $3 WHERE name = $4 AND position = $5 "

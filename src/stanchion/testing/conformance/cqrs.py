@@ -31,6 +31,7 @@ __all__ = [
     "read_totals",
     "test_batch_failure_replays_one_by_one",
     "test_catch_up_then_live",
+    "test_database_error_stops_on_its_event",
     "test_decode_error_stops",
     "test_fencing_rejects_stale_token",
     "test_parked_list",
@@ -64,14 +65,15 @@ class Totals(Projection):
     async def setup(self, tx: Any) -> None:
         if hasattr(tx, "execute") and not hasattr(tx, "hincrby"):
             await tx.execute(
-                "CREATE TABLE IF NOT EXISTS totals (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS totals "
+                "(sku TEXT PRIMARY KEY CHECK (length(sku) < 20), qty INTEGER NOT NULL)"
             )
 
     async def _add(self, tx: Any, sku: str, qty: int) -> None:
         if hasattr(tx, "hincrby"):
             await tx.hincrby("totals", sku, qty)
         else:
-            await tx.execute(
+            await tx.write(
                 "INSERT INTO totals (sku, qty) VALUES (?, ?) ON CONFLICT (sku) "
                 "DO UPDATE SET qty = totals.qty + excluded.qty",
                 sku,
@@ -209,6 +211,22 @@ async def test_decode_error_stops(backend_url: str) -> None:
             await asyncio.wait_for(ProjectionRunner(log, Totals(), rm).run(), 30)
         assert info.value.position == bad.position
         assert (await rm.checkpoint("totals")).position == 1
+
+
+async def test_database_error_stops_on_its_event(backend_url: str) -> None:
+    log = ListEventLog()
+    _fill(log, 50)
+    bad = log.append("ItemAdded", {"sku": "x" * 30, "qty": 1})  # violates the CHECK
+    _fill(log, 50)
+    async with await ReadModel.connect(backend_url) as rm:
+        if not rm.capabilities.sql:
+            return  # key-value views have no constraints to violate (capability sql=False)
+        with pytest.raises(ProjectionError) as info:
+            await asyncio.wait_for(ProjectionRunner(log, Totals(), rm, batch_size=64).run(), 30)
+        assert info.value.position == bad.position
+        assert info.value.__cause__ is not None
+        assert (await rm.checkpoint("totals")).position == bad.position - 1
+        assert await read_totals(rm) == _expected(log, bad.position - 1)
 
 
 async def test_parked_list(backend_url: str) -> None:
