@@ -26,7 +26,8 @@ Errors carry their data as attributes and their message says what to do next::
     ├── ReshardError                    sharding: a reshard cannot proceed
     ├── HandlerNotFound                 cqrs: no handler for a message type
     ├── HandlerAlreadyRegistered        cqrs: a second handler for a message type
-    └── ProjectionError                 cqrs: a projection handler failed
+    ├── ProjectionError                 cqrs: a projection handler failed
+    └── InvalidMessage (ValueError)     cqrs: a command or query failed validation
 
 .. versionadded:: 0.1
 """
@@ -48,6 +49,7 @@ __all__ = [
     "DuplicateEventId",
     "HandlerAlreadyRegistered",
     "HandlerNotFound",
+    "InvalidMessage",
     "LeadershipLost",
     "ProjectionError",
     "PublishError",
@@ -357,13 +359,44 @@ class ProjectionError(StanchionError):
         projection: the projection name.
         event_id: the id of the failing event.
         position: its global position.
+        event_type: its type name, when known.
+        checkpoint: the projection's checkpoint after the failure (the
+            position of the event before the failing one), when known.
     """
 
-    def __init__(self, projection: str, event_id: object, position: int, cause: str) -> None:
+    def __init__(
+        self,
+        projection: str,
+        event_id: object,
+        position: int,
+        cause: str,
+        *,
+        event_type: str | None = None,
+        checkpoint: int | None = None,
+    ) -> None:
+        kind = f" ({event_type})" if event_type else ""
+        stays = "the event before it" if checkpoint is None else f"position {checkpoint}"
         super().__init__(
-            f"projection {projection!r} failed on event {event_id} at position {position}: "
-            f"{cause}; fix the handler (or park the event) and run again"
+            f"projection {projection!r} failed on event {event_id}{kind} at position {position}: "
+            f"{cause}; the checkpoint stays at {stays}; "
+            "fix the handler (or park the event) and run again"
         )
         self.projection = projection
         self.event_id = event_id
         self.position = position
+        self.event_type = event_type
+        self.checkpoint = checkpoint
+
+
+class InvalidMessage(StanchionError, ValueError):
+    """A command or query failed validation before reaching its handler.
+
+    Attributes:
+        message_type: the message's type.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, message_type: type[Any], reason: str) -> None:
+        super().__init__(f"invalid {message_type.__qualname__}: {reason}")
+        self.message_type = message_type
+        self.reason = reason
