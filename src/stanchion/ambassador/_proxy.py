@@ -40,7 +40,6 @@ import ssl
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from http import HTTPStatus
 from typing import IO, Any
 
@@ -67,6 +66,7 @@ from stanchion.ambassador._core import (
     parse_traceparent,
     peer_trusted,
 )
+from stanchion.ambassador._stats import RequestStats
 from stanchion.errors import CircuitOpenError
 from stanchion.observability import Metrics, get_logger
 
@@ -654,6 +654,9 @@ class _Client(asyncio.Protocol):
         self.queue: deque[_Request] = deque()
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline = 0.0
+        self.loop = asyncio.get_running_loop()
         self.paused = 0
         self.closing = False
         self.header_bytes = 0
@@ -668,7 +671,7 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.amb._clients.add(self)
-        self._arm(self.cfg.header_timeout, self._header_timeout)
+        self._arm(self.cfg.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -678,14 +681,32 @@ class _Client(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
-    def _arm(self, delay: float, cb: Callable[[], None]) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(delay, cb)
+    # Lazy deadline: one loop timer per connection, re-armed only when it fires early,
+    # so a busy keep-alive connection does not create and cancel timers per request.
+    def _arm(self, delay: float) -> None:
+        loop = self.loop
+        deadline = loop.time() + delay
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None:
+            self.timer = loop.call_at(deadline, self._header_timeout)
+            self.timer_at = deadline
+        elif deadline < self.timer_at:
+            timer.cancel()
+            self.timer = loop.call_at(deadline, self._header_timeout)
+            self.timer_at = deadline
+
+    def _disarm(self) -> None:
+        self.deadline = 0.0
 
     def _header_timeout(self) -> None:
         self.timer = None
-        if self.transport is None:
+        if self.transport is None or self.deadline == 0.0:
+            return
+        now = self.loop.time()
+        if now < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._header_timeout)
+            self.timer_at = self.deadline
             return
         if self.req is None and self.active is None:
             self.transport.close()  # an idle keep-alive connection
@@ -789,7 +810,7 @@ class _Client(asyncio.Protocol):
     # parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
         if self.active is None:
-            self._arm(self.cfg.header_timeout, self._header_timeout)
+            self._arm(self.cfg.header_timeout)
         req = _Request(self)
         rt = self.amb._rt
         if rt is not None:
@@ -890,9 +911,7 @@ class _Client(asyncio.Protocol):
         if req.method in ("HEAD", "GET", "OPTIONS", "DELETE") and cl <= 0 and not te:
             req.body_done = True
         if self.active is None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._disarm()
             self._start(req)
         else:
             self.queue.append(req)
@@ -957,7 +976,7 @@ class _Client(asyncio.Protocol):
             self._start(nxt)
         else:
             self.header_bytes = 0
-            self._arm(self.cfg.idle_timeout, self._header_timeout)
+            self._arm(self.cfg.header_timeout if self.req is not None else self.cfg.idle_timeout)
 
 
 def _unknown_coding(values: list[bytes]) -> bool:
@@ -1024,14 +1043,8 @@ class Ambassador:
         self._enc = msgspec.json.Encoder()
         self.metrics = metrics or Metrics(registry=None)
         m = self.metrics
-        self._m_requests = m.counter(
-            "ambassador_requests", "Requests answered", ("route", "upstream", "status")
-        )
-        self._m_latency = m.histogram(
-            "ambassador_request_duration_seconds",
-            "Time to the last byte of the response",
-            ("route", "upstream"),
-        )
+        self._stats = RequestStats()
+        m.registry.register(self._stats)
         self._m_retries = m.counter("ambassador_retries", "Retried attempts", ("route", "upstream"))
         self._m_budget = m.counter(
             "ambassador_retry_budget_exhausted", "Retries refused by the budget", ("route",)
@@ -1476,11 +1489,12 @@ class Ambassador:
             rid = b"%s-%x" % (self._id_prefix, self._id_counter)
         append(b"x-request-id: %s\r\n" % rid)
         parsed = parse_traceparent(tp) if tp else None
-        span = os.urandom(8).hex().encode()
+        bits = self._rng.getrandbits
+        span = bits(64) or 1
         if parsed is None:
-            append(b"traceparent: 00-%s-%s-01\r\n" % (os.urandom(16).hex().encode(), span))
+            append(b"traceparent: 00-%032x-%016x-01\r\n" % (bits(128) or 1, span))
         else:
-            append(b"traceparent: 00-%s-%s-%s\r\n" % (parsed[0], span, parsed[1]))
+            append(b"traceparent: 00-%s-%016x-%s\r\n" % (parsed[0], span, parsed[1]))
         for name, value in rc.request_headers.add:
             append(b"%s: %s\r\n" % (name, value))
         if req.chunked_up:
@@ -1551,16 +1565,23 @@ class Ambassador:
         elif req.http10:
             append(b"connection: keep-alive\r\n")
         append(b"\r\n")
-        t.write(b"".join(parts))
+        head = b"".join(parts)
         req.started = True
         req.status = status
         early = req.early
         if early:
+            # One write for the head and the body already here: one syscall, not two.
             req.early = None
-            for chunk in early:
-                req.on_response_body(chunk)
+            body = early[0] if len(early) == 1 else b"".join(early)
+            req.resp_bytes += len(body)
+            if req.out_chunked:
+                t.write(b"%s%x\r\n%s\r\n" % (head, len(body), body))
+            else:
+                t.write(head + body)
             if conn is not None and conn.transport is not None and not conn.closed:
                 conn.transport.resume_reading()
+        else:
+            t.write(head)
         if (no_body and conn is not None and conn.req is None) or req.upstream_done:
             done.set_result(None)
         try:
@@ -1589,8 +1610,7 @@ class Ambassador:
     ) -> None:
         rc = route.config
         elapsed = time.perf_counter() - req.t0
-        self._child(self._m_requests, rc.name, up.config.name, str(status)).inc()
-        self._child(self._m_latency, rc.name, up.config.name).observe(elapsed)
+        self._stats.record(rc.name, up.config.name, status, elapsed)
         if self._log_stream is not None:
             entry = {
                 "ts": time.time(),
@@ -1643,7 +1663,7 @@ class Ambassador:
         req.out_close = close
         self._m_rejected.labels(str(status), reason).inc()
         if rc is not None:
-            self._child(self._m_requests, rc.name, rc.upstream, str(status)).inc()
+            self._stats.record(rc.name, rc.upstream, status, None)
         if self._log_stream is not None:
             self._access(
                 {

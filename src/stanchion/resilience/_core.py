@@ -384,6 +384,7 @@ class BreakerMachine:
         "changed_at",
         "config",
         "epoch",
+        "follower",
         "free_slots",
         "not_permitted",
         "state",
@@ -408,6 +409,10 @@ class BreakerMachine:
         self.totals = [0, 0, 0, 0, 0, 0]
         self.transitions: list[Transition] = []
         self.window: _CountWindow | _TimeWindow = self._new_window()
+        # A follower records outcomes in its window (kept for a fallback) but
+        # makes no decision of its own: the shared store's machine decides and
+        # the facade applies its state with adopt().
+        self.follower = False
 
     def _new_window(self) -> _CountWindow | _TimeWindow:
         c = self.config
@@ -436,6 +441,8 @@ class BreakerMachine:
 
     def poll(self, now: float) -> None:
         """Apply time-driven transitions (open -> half-open, half-open max wait)."""
+        if self.follower:
+            return
         st = self.state
         if st is _OPEN:
             if now >= self.changed_at + self.config.wait_duration_open:
@@ -482,6 +489,9 @@ class BreakerMachine:
                 self.free_slots += 1
             return
         w = self.window
+        if self.follower:
+            w.add(outcome, now)
+            return
         if st is _CLOSED:
             if w.add(outcome, now) or w.n == self._min:
                 n = w.n
@@ -517,6 +527,20 @@ class BreakerMachine:
         if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
             self._go(_OPEN, now)
 
+    def record_rejections(self, k: int) -> None:
+        """Count ``k`` calls the facade rejected on its own (OPEN, before the wait ended)."""
+        self.not_permitted += k
+        self.totals[_REJECTED] += k
+
+    def reject_until(self) -> float:
+        """Until when every call is rejected whatever happens (-inf: not now)."""
+        st = self.state
+        if st is _OPEN:
+            return -math.inf if self.follower else self.changed_at + self.config.wait_duration_open
+        if st is _FORCED_OPEN:
+            return math.inf
+        return -math.inf
+
     def successes_before_check(self) -> int:
         """How many more plain successes may be batched before a decision is due.
 
@@ -527,6 +551,66 @@ class BreakerMachine:
             return 0
         n = self.window.n
         return self._min - n if n < self._min else 1 << 62
+
+    def adopt(self, state: State, changed_at: float, now: float) -> None:
+        """Take the state decided elsewhere (the shared store), entered at ``changed_at``."""
+        if self.state is not state:
+            self._go(state, now)
+        self.changed_at = changed_at
+
+    # -- (de)serialisation for a shared store -----------------------------------
+
+    def dump(self) -> dict[str, object]:
+        """The machine as plain data (JSON-able), for a shared store."""
+        w = self.window
+        win: dict[str, object]
+        if isinstance(w, _CountWindow):
+            win = {"kind": "count", "size": w.size, "outcomes": w.to_list()}
+        else:
+            win = {
+                "kind": "time",
+                "size": w.size,
+                "head": w.head,
+                "n": list(w.b_n),
+                "failed": list(w.b_failed),
+                "slow": list(w.b_slow),
+            }
+        return {
+            "state": self.state.value,
+            "epoch": self.epoch,
+            "changed_at": self.changed_at,
+            "free_slots": self.free_slots,
+            "not_permitted": self.not_permitted,
+            "need": self._need,
+            "window": win,
+        }
+
+    @classmethod
+    def load(cls, config: BreakerConfig, data: dict[str, object]) -> BreakerMachine:
+        """Rebuild a machine from :meth:`dump` output (config from the caller)."""
+        m = cls(config, float(data["changed_at"]))  # type: ignore[arg-type]
+        m.state = State(str(data["state"]))
+        m.epoch = int(data["epoch"])  # type: ignore[call-overload]
+        m._admit = Admit(m.epoch)
+        m.free_slots = int(data["free_slots"])  # type: ignore[call-overload]
+        m.not_permitted = int(data["not_permitted"])  # type: ignore[call-overload]
+        m._need = int(data["need"])  # type: ignore[call-overload]
+        win = data["window"]
+        assert isinstance(win, dict)
+        if win["kind"] == "count":
+            cw = _CountWindow(int(win["size"]))
+            for o in win["outcomes"]:
+                cw.add(int(o), 0.0)
+            m.window = cw
+        else:
+            tw = _TimeWindow(int(win["size"]))
+            tw.head = None if win["head"] is None else int(win["head"])
+            tw.b_n = [int(x) for x in win["n"]]
+            tw.b_failed = [int(x) for x in win["failed"]]
+            tw.b_slow = [int(x) for x in win["slow"]]
+            tw.n, tw.failed, tw.slow = sum(tw.b_n), sum(tw.b_failed), sum(tw.b_slow)
+            m.window = tw
+        return m
 
     # -- manual transitions ---------------------------------------------------
 

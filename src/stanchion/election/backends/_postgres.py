@@ -76,7 +76,11 @@ class _PG:
             return
         try:
             await conn.execute(ddl)
-        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+        except (
+            asyncpg.UniqueViolationError,
+            asyncpg.DuplicateTableError,
+            asyncpg.DuplicateObjectError,
+        ):
             pass  # a concurrent CREATE TABLE IF NOT EXISTS won the race
         self.ready.add(name)
 

@@ -7,10 +7,19 @@ idle subscriber, default 10), ``connect_timeout`` (default 10).
 Appends are one round trip: a PL/pgSQL function locks the stream's row in
 ``es_streams`` (so writers of one stream queue up; writers of different
 streams never wait for each other), checks the tombstone and the expected
-version, inserts the batch and sends a NOTIFY that PostgreSQL delivers at
-commit. The function takes a transaction id *before* numbering its events:
+version and inserts the batch. The function takes a transaction id *before* numbering its events:
 subscribers rely on it (see ``GapTracker`` in ``_core``) to wait for a
 position that a transaction still holds, instead of reading past it.
+
+Live subscribers are woken by LISTEN/NOTIFY. The NOTIFY is *not* sent inside
+the append's transaction: PostgreSQL serialises the commits of notifying
+transactions on one lock held through the WAL flush, which cut throughput
+with 8 concurrent writers by about 3x in our measurements. Instead, after an
+append commits, a per-store notifier task sends ``pg_notify`` from its own
+short transaction (no transaction id, no WAL flush), coalescing the appends
+that committed meanwhile into one notification. Subscribers in the same
+process are woken directly. Subscribers also re-read after ``idle`` seconds
+without a notification (a safety net, not a busy poll).
 
 Schema creation runs under a transaction-scoped advisory lock, so any number
 of processes may start at once.
@@ -37,11 +46,13 @@ from stanchion.eventsourcing._core import (
     check_expected,
     decide_replay,
 )
+from stanchion.observability import get_logger
 from stanchion.urls import ParsedURL
 
 __all__ = ["PostgresBackend"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+_log = get_logger("stanchion.eventsourcing")
 
 _SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS {p}es_position AS bigint;
@@ -106,7 +117,6 @@ BEGIN
     RETURNING {p}es_events.position
   ) SELECT min(ins.position), max(ins.position) INTO v_first, v_last FROM ins;
   UPDATE {p}es_streams SET version = v_cur + cardinality(p_ids) WHERE name = p_stream;
-  PERFORM pg_notify('{p}es_events', '');
   RETURN QUERY SELECT 0, v_cur, v_first, v_last;
 END
 $fn$;
@@ -125,8 +135,9 @@ _UNAVAILABLE = (
 )
 
 
-def _row(r: Any) -> Row:
-    return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+def _rows(found: list[Any]) -> list[Row]:
+    # asyncpg Records index like the Row tuple: hand them over as they are.
+    return found
 
 
 @contextlib.contextmanager
@@ -158,6 +169,8 @@ class PostgresBackend:
         self._listener: asyncpg.Connection | None = None
         self._listener_lock = asyncio.Lock()
         self._wakers: set[asyncio.Event] = set()
+        self._notify_pending = False
+        self._notifier: asyncio.Task[None] | None = None
         self._q_append = f"SELECT * FROM {p}es_append($1, $2, $3, $4, $5, $6, $7)"
         self._q_all = (
             f"SELECT {_COLS} FROM {p}es_events WHERE position >= $1 ORDER BY position LIMIT $2"
@@ -234,7 +247,26 @@ class PostgresBackend:
                     return
                 await conn.execute(_SCHEMA.format(p=p, version=_SCHEMA_VERSION))
 
+    def _announce(self) -> None:
+        """Wake local subscribers now and, soon, every LISTENer (coalesced)."""
+        self._notified()
+        self._notify_pending = True
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
+
+    async def _notify_loop(self) -> None:
+        while self._notify_pending:
+            self._notify_pending = False
+            try:
+                await self._pool.execute("SELECT pg_notify($1, '')", self._channel)
+            except Exception as exc:  # subscribers elsewhere fall back on their idle re-read
+                _log.warning("eventsourcing.notify_failed", error=str(exc))
+                return
+
     async def close(self) -> None:
+        if self._notifier is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._notifier), 5)
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -265,7 +297,9 @@ class PostgresBackend:
                 if replay is not None:
                     return replay
                 raise
-        if status == 2:
+        if status == 0:
+            self._announce()
+        elif status == 2:
             raise StreamDeleted(stream)
         if status == 1:
             replay = await self._replay(stream, ids)
@@ -301,6 +335,7 @@ class PostgresBackend:
             _status, current, first, last = await conn.fetchrow(self._q_append, *args)
             opened.set()
             await release.wait()
+        self._announce()
         return AppendResult(current + 1, current + len(events), first, last)
 
     async def delete_stream(self, stream: str) -> None:
@@ -326,7 +361,7 @@ class PostgresBackend:
                 state = await self._pool.fetchrow(self._q_state, stream)
                 if state is not None and state[1]:
                     raise StreamDeleted(stream)
-        return [_row(r) for r in found]
+        return _rows(found)
 
     async def read_all(
         self, from_position: int, limit: int, types: Sequence[str] | None
@@ -336,7 +371,7 @@ class PostgresBackend:
                 found = await self._pool.fetch(self._q_all, from_position, limit)
             else:
                 found = await self._pool.fetch(self._q_all_types, from_position, limit, types)
-        return [_row(r) for r in found]
+        return _rows(found)
 
     async def _listen(self) -> None:
         async with self._listener_lock:
@@ -375,7 +410,8 @@ class PostgresBackend:
                 snapshot = Snapshot.parse(found[0][9])
                 rows = found if found[0][2] is not None else []
                 ready = tracker.advance([r[2] for r in rows], snapshot)
-                out = [_row(r) for r in rows[:ready] if wanted_set is None or r[4] in wanted_set]
+                head = rows[:ready]
+                out = _rows(head if wanted_set is None else [r for r in head if r[4] in wanted_set])
                 if out:
                     yield out
                 if ready == len(rows) == batch:
