@@ -488,6 +488,7 @@ class _Request:
         "replay_bytes",
         "replay_limit",
         "resp_bytes",
+        "rid",
         "sent_any",
         "started",
         "status",
@@ -529,6 +530,7 @@ class _Request:
         self.t0 = 0.0
         self.timed_out = False
         self.early: list[bytes] | None = None
+        self.rid = b""
 
     # body from client ------------------------------------------------------
     def feed_body(self, chunk: bytes) -> None:
@@ -864,6 +866,8 @@ class _Client(asyncio.Protocol):
             elif n == b"expect":
                 if value.lower() == b"100-continue":
                     req.expect_continue = True
+            elif n == b"x-request-id":
+                req.rid = value
             elif n == b"idempotency-key":
                 req.idempotency_key = True
         if te:
@@ -1444,7 +1448,6 @@ class Ambassador:
         conn_tokens: set[bytes] | None = None
         xff = b""
         xfp = b""
-        rid = b""
         tp = b""
         remove = rc.request_headers.remove
         trusted = peer_trusted(client.peer, rt.trusted)
@@ -1471,7 +1474,6 @@ class Ambassador:
             if n == b"x-forwarded-host":
                 continue
             if n == b"x-request-id":
-                rid = value
                 continue
             if n == b"traceparent":
                 tp = value
@@ -1484,9 +1486,7 @@ class Ambassador:
         append(b"x-forwarded-proto: %s\r\n" % (xfp or b"http"))
         if req.host:
             append(b"x-forwarded-host: %s\r\n" % req.host)
-        if not rid:
-            self._id_counter += 1
-            rid = b"%s-%x" % (self._id_prefix, self._id_counter)
+        rid = req.rid or self._request_id(req)
         append(b"x-request-id: %s\r\n" % rid)
         parsed = parse_traceparent(tp) if tp else None
         bits = self._rng.getrandbits
@@ -1625,6 +1625,7 @@ class Ambassador:
                 "duration_ms": round(elapsed * 1000, 3),
                 "bytes_in": req.body_bytes,
                 "bytes_out": req.resp_bytes,
+                "request_id": req.rid.decode("latin-1"),
             }
             if error:
                 entry["error"] = error
@@ -1637,6 +1638,11 @@ class Ambassador:
             child = metric.labels(*labels)
             self._children[key] = child
         return child
+
+    def _request_id(self, req: _Request) -> bytes:
+        self._id_counter += 1
+        req.rid = b"%s-%x" % (self._id_prefix, self._id_counter)
+        return req.rid
 
     def _local(
         self,
@@ -1655,7 +1661,9 @@ class Ambassador:
             req.conn = None
         if t is None:
             return
-        body = _error_body(status, reason, message, b"")
+        rid = req.rid or self._request_id(req)
+        body = _error_body(status, reason, message, rid)
+        extra += b"x-request-id: %s\r\n" % rid
         close = not req.keep_alive or not req.body_done or self.draining
         t.write(_simple_response(status, body, reason=reason, close=close, extra=extra))
         req.started = True
@@ -1675,6 +1683,7 @@ class Ambassador:
                     "upstream": rc.upstream if rc else "",
                     "status": status,
                     "reason": reason,
+                    "request_id": rid.decode("latin-1"),
                     "duration_ms": round((time.perf_counter() - req.t0) * 1000, 3),
                 }
             )
