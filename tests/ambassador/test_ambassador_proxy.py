@@ -520,3 +520,35 @@ async def test_local_replies_carry_a_request_id(ambassador: AmbassadorFactory) -
     assert r.headers["x-request-id"] == "abc" and r.json()["request_id"] == "abc"
     r = await request(amb.port, "GET", "/nope")
     assert r.headers["x-request-id"] and r.json()["request_id"] == r.headers["x-request-id"]
+
+
+async def test_default_admin_port_taken_does_not_stop_the_proxy(
+    upstream: UpstreamFactory,
+) -> None:
+    import io
+    import socket
+
+    from stanchion.ambassador import Ambassador, load_config
+
+    up = await upstream()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        blocker.bind(("127.0.0.1", 9901))
+        blocker.listen()
+    except OSError:
+        pass  # someone else holds it already: same situation
+    cfg = load_config(
+        "t",
+        '[listen]\naddress = "127.0.0.1:0"\n'
+        + upstream_toml("u", up.url)
+        + '[[routes]]\nprefix="/"\nupstream="u"\n',
+    )
+    amb = Ambassador(cfg, access_log=io.StringIO())
+    try:
+        await amb.start()
+        assert amb.admin_port == 0
+        assert (await request(amb.port, "GET", "/x")).status == 200
+    finally:
+        await amb.close(grace=0.1)
+        blocker.close()

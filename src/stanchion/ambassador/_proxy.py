@@ -1104,7 +1104,17 @@ class Ambassador:
         if self._admin_enabled and ac.port >= 0:
             from stanchion.ambassador._admin import AdminProtocol
 
-            self._admin = await loop.create_server(lambda: AdminProtocol(self), ac.host, ac.port)
+            try:
+                self._admin = await loop.create_server(
+                    lambda: AdminProtocol(self), ac.host, ac.port
+                )
+            except OSError as exc:
+                admin_raw = self.config.raw.get("admin")
+                if isinstance(admin_raw, dict) and "address" in admin_raw:
+                    raise
+                # The default admin port is taken (another ambassador on this host): run
+                # without an admin listener rather than refuse to proxy.
+                _log.warning("ambassador.admin_unavailable", address=ac.address, error=str(exc))
         _log.info("ambassador.started", address=lc.address, worker=self.worker, port=self.port)
 
     async def close(self, grace: float = 5.0) -> None:
@@ -1520,9 +1530,6 @@ class Ambassador:
         conn = req.conn
         if t is None:
             return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        req.done_waiter = done
         ops = rc.response_headers
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
         append = parts.append
@@ -1583,7 +1590,13 @@ class Ambassador:
         else:
             t.write(head)
         if (no_body and conn is not None and conn.req is None) or req.upstream_done:
-            done.set_result(None)
+            # The whole response is already here: no need to wait (the common small case).
+            if req.out_chunked:
+                t.write(b"0\r\n\r\n")
+            self._finish_log(req, route, up, state, status, attempt, "")
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        req.done_waiter = done
         try:
             await done
         except _Attempt as exc:
