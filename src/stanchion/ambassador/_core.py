@@ -846,6 +846,8 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
         path,
     )
     d = RetryPolicy()
+    if isinstance(t.get("on"), str):
+        t = {**t, "on": [c.strip() for c in t["on"].split(",") if c.strip()]}
     on = w.strings(t, "on", path)
     if on is None:
         on_set = set(d.on)
@@ -876,7 +878,13 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
     backoff_base, backoff_max = d.backoff_base, d.backoff_max
     if "backoff" in t:
         bp = (*path, "backoff")
-        bt = w.table(t["backoff"], bp)
+        bv = t["backoff"]
+        if isinstance(bv, int | float) and not isinstance(bv, bool):
+            bv = {"base": bv}
+        bt = dict(w.table(bv, bp))
+        for alias, key in (("base_interval", "base"), ("max_interval", "max")):
+            if alias in bt:
+                bt[key] = bt.pop(alias)
         w.unknown(bt, ("base", "max"), bp)
         backoff_base = w.number(bt, "base", bp, d.backoff_base)
         backoff_max = w.number(bt, "max", bp, max(d.backoff_max, backoff_base))
@@ -908,8 +916,22 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
 
 
 def _parse_fault(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> FaultConfig:
-    t = w.table(raw, path)
+    t = dict(w.table(raw, path))
     w.unknown(t, ("delay", "abort", "percentage", "delay_percentage", "abort_percentage"), path)
+    # Envoy-style sub-tables are accepted too: abort = { status = 503, percentage = 10 },
+    # delay = { seconds = 0.5, percentage = 20 }.
+    for key, value_keys in (("abort", ("status", "http_status")), ("delay", ("seconds", "fixed"))):
+        sub = t.get(key)
+        if isinstance(sub, dict):
+            sp = (*path, key)
+            w.unknown(sub, (*value_keys, "percentage"), sp)
+            value = next((sub[k] for k in value_keys if k in sub), None)
+            if value is None:
+                w.err(sp, f"expected {value_keys[0]!r} in the {key} table")
+                value = 0
+            t[key] = value
+            if "percentage" in sub:
+                t[f"{key}_percentage"] = sub["percentage"]
     pct = w.number(t, "percentage", path, 100.0, maximum=100.0)
     abort = w.number(t, "abort", path, 0, integer=True)
     if abort and not 200 <= abort <= 599:
