@@ -658,6 +658,7 @@ class _Client(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.deadline = 0.0
+        self.idle = False
         self.loop = asyncio.get_running_loop()
         self.paused = 0
         self.closing = False
@@ -811,7 +812,10 @@ class _Client(asyncio.Protocol):
 
     # parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.active is None:
+        if self.idle and self.active is None:
+            # The first request's deadline runs from the accept; later ones from their
+            # first byte.
+            self.idle = False
             self._arm(self.cfg.header_timeout)
         req = _Request(self)
         rt = self.amb._rt
@@ -980,7 +984,11 @@ class _Client(asyncio.Protocol):
             self._start(nxt)
         else:
             self.header_bytes = 0
-            self._arm(self.cfg.header_timeout if self.req is not None else self.cfg.idle_timeout)
+            if self.req is not None:
+                self._arm(self.cfg.header_timeout)
+            else:
+                self.idle = True
+                self._arm(self.cfg.idle_timeout)
 
 
 def _unknown_coding(values: list[bytes]) -> bool:
@@ -1511,6 +1519,8 @@ class Ambassador:
             append(b"transfer-encoding: chunked\r\n")
         elif req.content_length >= 0:
             append(b"content-length: %d\r\n" % req.content_length)
+        elif req.method in ("POST", "PUT", "PATCH"):
+            append(b"content-length: 0\r\n")  # some servers insist (411)
         append(b"\r\n")
         return b"".join(parts)
 
