@@ -1187,10 +1187,11 @@ class Route:
 class RouteTable:
     """Routes in file order; :meth:`match` returns the first that fits."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_by_host", "_routes")
 
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self._routes = tuple(routes)
+        self._by_host = any(r.host for r in self._routes)
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -1201,7 +1202,7 @@ class RouteTable:
         ``host`` is compared without its port, case-insensitively.
         """
         bare, sep, query = path.partition("?")
-        hostname = _strip_port(host).lower() if host else ""
+        hostname = _strip_port(host).lower() if host and self._by_host else ""
         for rc in self._routes:
             if rc.host and not _host_matches(rc.host, hostname):
                 continue

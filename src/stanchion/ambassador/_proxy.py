@@ -1040,6 +1040,7 @@ class Ambassador:
         self._admin_enabled = admin
         self.worker = worker
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
         self._admin: asyncio.Server | None = None
         self._clients: set[_Client] = set()
         self._rt: _Runtime | None = None
@@ -1099,7 +1100,7 @@ class Ambassador:
         """Bind the listener (and the admin listener) and start health checks."""
         self._rt = self._build(self.config, None)
         self._open_log()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         lc = self.config.listen
         self._server = await loop.create_server(
             lambda: _Client(self),
@@ -1263,7 +1264,7 @@ class Ambassador:
                 self._local(req, abort, "fault-abort", "fault injected", rc)
                 return
         req.replay_limit = rc.retry.replay_buffer_bytes
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline_handle = None
         self._budget.active_requests += 1
         try:
@@ -1420,7 +1421,7 @@ class Ambassador:
         rc = route.config
         pool = up.pools[id(state)]
         state.active += 1
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             try:
                 conn = await pool.acquire(up.config.connect_timeout)
@@ -1605,7 +1606,7 @@ class Ambassador:
                 t.write(b"0\r\n\r\n")
             self._finish_log(req, route, up, state, status, attempt, "")
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = self._loop.create_future()
         req.done_waiter = done
         try:
             await done
