@@ -948,9 +948,30 @@ def _parse_fault(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> FaultConf
     return fault
 
 
+_HEADER_ALIASES = {
+    "request_headers_to_add": ("request_headers", "add"),
+    "request_headers_to_remove": ("request_headers", "remove"),
+    "response_headers_to_add": ("response_headers", "add"),
+    "response_headers_to_remove": ("response_headers", "remove"),
+}
+
+
+def _header_aliases(w: _Walker, t: dict[str, Any], p: tuple[str | int, ...]) -> dict[str, Any]:
+    """Accept Envoy's ``request_headers_to_add`` etc. as spellings of our header tables."""
+    for alias, (table, op) in _HEADER_ALIASES.items():
+        if alias in t:
+            value = t.pop(alias)
+            ops = t.setdefault(table, {})
+            if not isinstance(ops, dict) or op in ops:
+                w.err((*p, alias), f"conflicts with {table}.{op}")
+                continue
+            ops[op] = value
+    return t
+
+
 def _parse_route(w: _Walker, raw: Any, i: int, upstreams: Mapping[str, Any]) -> RouteConfig | None:
     p: tuple[str | int, ...] = ("routes", i)
-    t = w.table(raw, p)
+    t = _header_aliases(w, dict(w.table(raw, p)), p)
     w.unknown(
         t,
         (
@@ -1004,6 +1025,9 @@ def _parse_route(w: _Walker, raw: Any, i: int, upstreams: Mapping[str, Any]) -> 
     if "rate_limit" in t:
         rp = (*p, "rate_limit")
         rt = w.table(t["rate_limit"], rp)
+        if "requests_per_second" in rt and "rate" not in rt:
+            rt = {**rt, "rate": rt["requests_per_second"]}
+            del rt["requests_per_second"]
         w.unknown(rt, ("rate", "burst"), rp)
         r = w.number(rt, "rate", rp, 1.0, exclusive_min=True)
         if "rate" not in rt:
