@@ -568,3 +568,40 @@ def test_memory_is_bounded_under_rejections() -> None:
 def test_bad_options(kw: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         CircuitBreaker("x", **kw)  # type: ignore[arg-type]
+
+
+def test_counts_exact_under_threads() -> None:
+    """Batched fast-path successes lose nothing when many threads call at once."""
+    reg = CollectorRegistry()
+    b = CircuitBreaker("t", window_size=1000, minimum_calls=1000, registry=reg)
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait(5)
+        for i in range(5000):
+            if i % 100 == 99:
+                with pytest.raises(Boom):
+                    b.call(boom)
+            else:
+                b.call(ok)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    m = b.metrics
+    assert m.buffered_calls == 1000
+    text = generate_latest(reg).decode()
+    assert 'stanchion_breaker_calls_total{name="t",outcome="success"} 39600.0' in text
+    assert 'stanchion_breaker_calls_total{name="t",outcome="failure"} 400.0' in text
+    assert b.state is State.CLOSED
+
+
+def test_circuit_open_error_pickles_and_reads() -> None:
+    import pickle
+
+    e = CircuitOpenError("db", 1.5, "half_open")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.name, e2.retry_after, e2.state) == ("db", 1.5, "half_open")
+    assert "db" in str(e2) and "1.500" in str(e2)

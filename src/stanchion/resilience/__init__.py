@@ -20,7 +20,13 @@ Example::
 
 from __future__ import annotations
 
-from stanchion.errors import CircuitOpenError
+from stanchion.errors import (
+    BulkheadFull,
+    CallTimeout,
+    CircuitOpenError,
+    RateLimited,
+    RetryExhausted,
+)
 from stanchion.resilience._breaker import (
     BreakerEvent,
     CallFailed,
@@ -31,18 +37,42 @@ from stanchion.resilience._breaker import (
     SlowCall,
     StateChanged,
 )
-from stanchion.resilience._core import BreakerMetrics, State
+from stanchion.resilience._core import BreakerMetrics, Exponential, Fixed, State
+from stanchion.resilience._policies import (
+    Bulkhead,
+    Policy,
+    RateLimiter,
+    Retry,
+    RetryBudget,
+    RetryEvent,
+    Timeout,
+    wrap,
+)
 
 __all__ = [
     "BreakerEvent",
     "BreakerMetrics",
+    "Bulkhead",
+    "BulkheadFull",
     "CallFailed",
     "CallRejected",
     "CallSucceeded",
+    "CallTimeout",
     "CircuitBreaker",
     "CircuitOpenError",
     "ErrorIgnored",
+    "Exponential",
+    "Fixed",
+    "Policy",
+    "RateLimited",
+    "RateLimiter",
+    "Retry",
+    "RetryBudget",
+    "RetryEvent",
+    "RetryExhausted",
     "SlowCall",
     "State",
     "StateChanged",
+    "Timeout",
+    "wrap",
 ]

@@ -9,8 +9,8 @@ closed-state success path is kept short on purpose: two clock reads, one
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, TypeVar, overload
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -60,7 +60,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _CLOSED = State.CLOSED
-_CancelledError = asyncio.CancelledError
+_new_error = BaseException.__new__  # builds CircuitOpenError(args) without a Python frame
 
 # -- events -------------------------------------------------------------------
 
@@ -327,6 +327,10 @@ class CircuitBreaker:
         self._timewin = window_type == "time"
         self._flush_at = 0
         self._horizon = 0.0
+        self._rejects = itertools.count()
+        self._rbase = next(self._rejects)
+        self._reject_until = -math.inf
+        self._reject_state = "closed"
         self._last_t = now
         self._rearm(now)
         self._listeners: dict[str, list[Callable[[Any], object]]] = {k: [] for k in _KINDS}
@@ -352,14 +356,21 @@ class CircuitBreaker:
 
     # -- batching of fast successes (call these with the lock held) ----------------
 
-    def _flush(self) -> None:
+    def _flush(self, now: float) -> None:
         c = next(self._oks)
         k = c - self._base - 1
         self._base = c
         if k > 0:
-            self._machine.record_successes(k, self._last_t)
+            self._machine.record_successes(k, now, self._last_t)
+        c = next(self._rejects)
+        k = c - self._rbase - 1
+        self._rbase = c
+        if k > 0:
+            self._machine.record_rejections(k)
 
     def _rearm(self, now: float) -> None:
+        self._reject_until = self._machine.reject_until()
+        self._reject_state = self._machine.state.value
         need = self._machine.successes_before_check()
         self._flush_at = self._base + need if need else -1
         self._last_t = now
@@ -367,7 +378,7 @@ class CircuitBreaker:
 
     def _sync(self, now: float) -> None:
         with self._lock:
-            self._flush()
+            self._flush(now)
             self._rearm(now)
         if self._machine.transitions:
             self._drain()
@@ -378,7 +389,7 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             m.poll(now)
             self._rearm(now)
         if m.transitions:
@@ -391,12 +402,16 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             m.poll(now)
             snap = m.metrics(now)
             self._rearm(now)
         if m.transitions:
             self._drain()
+        sh = self._shared
+        if sh is not None and not sh.fallback and sh.last_metrics is not None:
+            # connected: the shared window is the one that decides
+            return dataclasses.replace(sh.last_metrics, state=snap.state)
         return snap
 
     @property
@@ -426,7 +441,7 @@ class CircuitBreaker:
     def _manual(self, op: Callable[[float], None]) -> None:
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             op(now)
             self._rearm(now)
         self._drain(manual=True)
@@ -484,20 +499,20 @@ class CircuitBreaker:
             except Exception as exc:
                 self._log.error("breaker.listener_failed", kind=kind, error=repr(exc))
 
-    def _drain(self, manual: bool = False) -> None:
+    def _drain(self, manual: bool = False, source: str = "local") -> None:
         m = self._machine
         with self._lock:
             if not m.transitions:
                 return
             ts, m.transitions = m.transitions, []
         for t in ts:
-            self._on_transition(t, manual)
+            self._on_transition(t, manual, source)
 
-    def _on_transition(self, t: Transition, manual: bool = False) -> None:
+    def _on_transition(self, t: Transition, manual: bool, source: str) -> None:
         log = self._log.warning if t.new is State.OPEN else self._log.info
-        log("breaker.state_changed", old=t.old.value, new=t.new.value, manual=manual)
+        log("breaker.state_changed", old=t.old.value, new=t.new.value, manual=manual, source=source)
         if self._shared is not None:
-            self._shared.local_transition(t)
+            self._shared.local_transition(t, manual)
         self._emit("state_change", StateChanged(self.name, t.old, t.new, t.at))
 
     # -- the call paths ---------------------------------------------------------
@@ -517,7 +532,7 @@ class CircuitBreaker:
         m = self._machine
         with self._lock:
             now = self._clock()
-            self._flush()
+            self._flush(now)
             d = m.admit(now)
             self._rearm(now)
         if m.transitions:
@@ -525,10 +540,13 @@ class CircuitBreaker:
         if isinstance(d, Reject):
             if self._per_call:
                 self._emit("rejected", CallRejected(self.name, d.state, d.retry_after))
-            if self._shared is not None:
-                self._shared.note(5, now)
             raise CircuitOpenError(self.name, d.retry_after, d.state.value)
         return now, d.epoch
+
+    def _reject_fast(self, now: float) -> NoReturn:
+        """Reject without the lock: the breaker is open until ``_reject_until``."""
+        next(self._rejects)
+        raise _new_error(CircuitOpenError, self.name, self._reject_until - now, self._reject_state)
 
     def _done(
         self,
@@ -545,11 +563,13 @@ class CircuitBreaker:
             outcome |= SLOW
         m = self._machine
         with self._lock:
-            self._flush()
+            self._flush(end)
+            current = epoch == m.epoch
+            st = m.state
             m.record(outcome, end, epoch)
             self._rearm(end)
-        if self._shared is not None and epoch == m.epoch:
-            self._shared.note(outcome, end)
+        if self._shared is not None and current:
+            self._shared.note(outcome, end, st.value)
         if m.transitions:
             self._drain()
         if self._per_call:
@@ -599,6 +619,10 @@ class CircuitBreaker:
                 return r
             self._done(SUCCESS, t0, epoch, None, r)
             return r
+        if self._fast:
+            now = self._clock()
+            if now < self._reject_until:
+                self._reject_fast(now)
         t0, epoch = self._admit()
         try:
             r = fn(*args, **kwargs)
@@ -635,6 +659,10 @@ class CircuitBreaker:
                 return r
             self._done(SUCCESS, t0, epoch, None, r)
             return r
+        if self._fast:
+            now = self._clock()
+            if now < self._reject_until:
+                self._reject_fast(now)
         t0, epoch = self._admit()
         try:
             r = await fn(*args, **kwargs)
@@ -656,24 +684,51 @@ class CircuitBreaker:
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate a sync or async function; the signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-            call_async = self.call_async
-
-            @functools.wraps(fn)
-            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await call_async(fn, *args, **kwargs)
-
-            return awrapper
         call = self.call
+        call_async = self.call_async
         m = self._machine
         clock = self._clock
         done = self._done
         classify = self._classify
+        name = self.name
+        new_error = _new_error
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                # the closed-state fast path of call_async(), inlined
+                if m.state is not _CLOSED or not self._fast:
+                    if self._fast and clock() < self._reject_until:
+                        self._reject_fast(clock())
+                    return await call_async(fn, *args, **kwargs)
+                epoch = m.epoch
+                t0 = clock()
+                try:
+                    r = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    done(classify(exc), t0, epoch, exc)
+                    raise
+                t1 = clock()
+                if t1 - t0 < self._slow and t1 < self._horizon and m.epoch == epoch:
+                    if next(self._oks) >= self._flush_at:
+                        self._sync(t1)
+                    return r
+                done(SUCCESS, t0, epoch, None, r)
+                return r
+
+            return awrapper
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             # the closed-state fast path of call(), inlined (one frame less)
             if m.state is not _CLOSED or not self._fast:
+                if self._fast:
+                    now = clock()
+                    if now < self._reject_until:  # open: reject here, one frame deep
+                        next(self._rejects)
+                        raise new_error(
+                            CircuitOpenError, name, self._reject_until - now, self._reject_state
+                        )
                 return call(fn, *args, **kwargs)
             epoch = m.epoch
             t0 = clock()
@@ -733,6 +788,13 @@ class CircuitBreaker:
         """Stop exchanging with the shared store (no-op for a local breaker)."""
         if self._shared is not None:
             self._shared.close()
+
+    def wait_synced(self, timeout: float = 5.0) -> bool:
+        """Block until the first exchange with the shared store succeeded.
+
+        Returns True at once for a local breaker, False on timeout.
+        """
+        return self._shared is None or self._shared.wait_synced(timeout)
 
     @property
     def store_fallback(self) -> bool:

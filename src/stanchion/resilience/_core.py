@@ -41,7 +41,7 @@ No rate is computed until ``minimum_calls`` outcomes are buffered (capped at
 ``window_size`` for a count window); the rates are then -1.0 in the metrics,
 as in resilience4j. The decision is re-evaluated only when it can change: on
 a failed or slow outcome, when the buffered count first reaches the minimum,
-or (time window) whenever buckets expired.
+or, for a time window, on every record (expired buckets can raise the rates).
 
 Epochs. Each transition increments ``epoch``. An admitted call carries the
 epoch it was admitted in; an outcome from an older epoch is dropped. So a
@@ -79,9 +79,16 @@ __all__ = [
     "BreakerConfig",
     "BreakerMachine",
     "BreakerMetrics",
+    "BudgetWindow",
+    "Exponential",
+    "Fixed",
+    "GiveUp",
     "Outcome",
     "Reject",
+    "RetryAfter",
+    "RetryPlan",
     "State",
+    "TokenBucket",
     "Transition",
 ]
 
@@ -331,7 +338,6 @@ class _TimeWindow:
         self.n += k
 
     def add(self, outcome: int, now: float) -> bool:
-        before = self.n
         self.roll(now)
         head = self.head
         assert head is not None
@@ -344,8 +350,9 @@ class _TimeWindow:
         if outcome & 2:
             self.b_slow[k] += 1
             self.slow += 1
-        # buckets expired (n did not simply grow by one) or a bad outcome
-        return bool(outcome) or self.n != before + 1
+        # buckets may have expired here or in an earlier roll (a metrics read):
+        # the rates may have gone up whatever the outcome, so always re-check
+        return True
 
 
 class BreakerMachine:
@@ -377,6 +384,7 @@ class BreakerMachine:
         "changed_at",
         "config",
         "epoch",
+        "follower",
         "free_slots",
         "not_permitted",
         "state",
@@ -401,6 +409,10 @@ class BreakerMachine:
         self.totals = [0, 0, 0, 0, 0, 0]
         self.transitions: list[Transition] = []
         self.window: _CountWindow | _TimeWindow = self._new_window()
+        # A follower records outcomes in its window (kept for a fallback) but
+        # makes no decision of its own: the shared store's machine decides and
+        # the facade applies its state with adopt().
+        self.follower = False
 
     def _new_window(self) -> _CountWindow | _TimeWindow:
         c = self.config
@@ -429,6 +441,8 @@ class BreakerMachine:
 
     def poll(self, now: float) -> None:
         """Apply time-driven transitions (open -> half-open, half-open max wait)."""
+        if self.follower:
+            return
         st = self.state
         if st is _OPEN:
             if now >= self.changed_at + self.config.wait_duration_open:
@@ -475,38 +489,57 @@ class BreakerMachine:
                 self.free_slots += 1
             return
         w = self.window
+        if self.follower:
+            w.add(outcome, now)
+            return
         if st is _CLOSED:
             if w.add(outcome, now) or w.n == self._min:
                 n = w.n
-                if n >= self._min and (w.failed >= self._fthr * n or w.slow >= self._sthr * n):
+                if n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
                     self._go(_OPEN, now)
             return
         # half-open: decide once the N trials are in
         w.add(outcome, now)
         n = w.n
         if n >= self._hmin:
-            if w.failed >= self._fthr * n or w.slow >= self._sthr * n:
+            if w.failed / n >= self._fthr or w.slow / n >= self._sthr:
                 self._go(_OPEN, now)
             else:
                 self._go(_CLOSED, now)
 
-    def record_successes(self, k: int, now: float) -> None:
+    def record_successes(self, k: int, now: float, at: float | None = None) -> None:
         """Record ``k`` successful, not slow calls of the current CLOSED period.
 
         The facade counts fast-path successes with an atomic counter and
         hands them over in batches (see ``CircuitBreaker``); the result is the
-        same as ``k`` calls of ``record(SUCCESS, now)``.
+        same as ``k`` calls of ``record(SUCCESS, now)``, except that the calls
+        are put in the window at time ``at`` (when they happened; default
+        ``now``) while a transition they cause happens at ``now``.
         """
         if k <= 0 or self.state is not _CLOSED:
             return
         self.totals[0] += k
         w = self.window
         before = w.n
-        w.add_successes(k, now)
+        w.add_successes(k, now if at is None else at)
         n = w.n
-        changed = before < self._min <= n or n != before + k
-        if changed and n >= self._min and (w.failed >= self._fthr * n or w.slow >= self._sthr * n):
+        changed = before < self._min <= n or isinstance(w, _TimeWindow)
+        if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
             self._go(_OPEN, now)
+
+    def record_rejections(self, k: int) -> None:
+        """Count ``k`` calls the facade rejected on its own (OPEN, before the wait ended)."""
+        self.not_permitted += k
+        self.totals[_REJECTED] += k
+
+    def reject_until(self) -> float:
+        """Until when every call is rejected whatever happens (-inf: not now)."""
+        st = self.state
+        if st is _OPEN:
+            return -math.inf if self.follower else self.changed_at + self.config.wait_duration_open
+        if st is _FORCED_OPEN:
+            return math.inf
+        return -math.inf
 
     def successes_before_check(self) -> int:
         """How many more plain successes may be batched before a decision is due.
@@ -518,6 +551,66 @@ class BreakerMachine:
             return 0
         n = self.window.n
         return self._min - n if n < self._min else 1 << 62
+
+    def adopt(self, state: State, changed_at: float, now: float) -> None:
+        """Take the state decided elsewhere (the shared store), entered at ``changed_at``."""
+        if self.state is not state:
+            self._go(state, now)
+        self.changed_at = changed_at
+
+    # -- (de)serialisation for a shared store -----------------------------------
+
+    def dump(self) -> dict[str, object]:
+        """The machine as plain data (JSON-able), for a shared store."""
+        w = self.window
+        win: dict[str, object]
+        if isinstance(w, _CountWindow):
+            win = {"kind": "count", "size": w.size, "outcomes": w.to_list()}
+        else:
+            win = {
+                "kind": "time",
+                "size": w.size,
+                "head": w.head,
+                "n": list(w.b_n),
+                "failed": list(w.b_failed),
+                "slow": list(w.b_slow),
+            }
+        return {
+            "state": self.state.value,
+            "epoch": self.epoch,
+            "changed_at": self.changed_at,
+            "free_slots": self.free_slots,
+            "not_permitted": self.not_permitted,
+            "need": self._need,
+            "window": win,
+        }
+
+    @classmethod
+    def load(cls, config: BreakerConfig, data: dict[str, object]) -> BreakerMachine:
+        """Rebuild a machine from :meth:`dump` output (config from the caller)."""
+        m = cls(config, float(data["changed_at"]))  # type: ignore[arg-type]
+        m.state = State(str(data["state"]))
+        m.epoch = int(data["epoch"])  # type: ignore[call-overload]
+        m._admit = Admit(m.epoch)
+        m.free_slots = int(data["free_slots"])  # type: ignore[call-overload]
+        m.not_permitted = int(data["not_permitted"])  # type: ignore[call-overload]
+        m._need = int(data["need"])  # type: ignore[call-overload]
+        win = data["window"]
+        assert isinstance(win, dict)
+        if win["kind"] == "count":
+            cw = _CountWindow(int(win["size"]))
+            for o in win["outcomes"]:
+                cw.add(int(o), 0.0)
+            m.window = cw
+        else:
+            tw = _TimeWindow(int(win["size"]))
+            tw.head = None if win["head"] is None else int(win["head"])
+            tw.b_n = [int(x) for x in win["n"]]
+            tw.b_failed = [int(x) for x in win["failed"]]
+            tw.b_slow = [int(x) for x in win["slow"]]
+            tw.n, tw.failed, tw.slow = sum(tw.b_n), sum(tw.b_failed), sum(tw.b_slow)
+            m.window = tw
+        return m
 
     # -- manual transitions ---------------------------------------------------
 
@@ -553,8 +646,7 @@ class BreakerMachine:
     def metrics(self, now: float) -> BreakerMetrics:
         """The window's figures now (time windows expire old buckets first)."""
         w = self.window
-        if self.state is _CLOSED:
-            w.roll(now)
+        w.roll(now)
         n = w.n
         need = self._need
         enough = n >= need and n > 0
@@ -568,3 +660,222 @@ class BreakerMachine:
             not_permitted_calls=self.not_permitted,
             state=self.state,
         )
+
+
+# == retry ======================================================================
+#
+# A retry plan answers one question after a failed attempt: sleep how long and
+# try again, or give up? Inputs are the attempt number (1 = the first attempt
+# has just failed), the time now and one uniform random number in [0, 1) (the
+# facade draws it, so the plan stays deterministic). The deadline is absolute
+# (started + deadline): the plan never returns a delay that would end at or
+# after it, so the last sleep never overshoots; the facade caps the last
+# attempt with remaining(now).
+
+
+@dataclass(frozen=True, slots=True)
+class Exponential:
+    """Exponential back-off: retry ``n`` waits up to ``min(max, base * 2**(n-1))`` seconds.
+
+    Args:
+        base: the first retry's ceiling, seconds.
+        max: the ceiling of any delay, seconds.
+        jitter: ``"full"`` (uniform in [0, ceiling], AWS's "full jitter", the
+            default), ``"equal"`` (half fixed, half random) or ``"none"``.
+
+    .. versionadded:: 0.1
+    """
+
+    base: float = 0.1
+    max: float = 10.0
+    jitter: Literal["full", "equal", "none"] = "full"
+
+    def __post_init__(self) -> None:
+        from stanchion.errors import ConfigError
+
+        if not (self.base > 0 and math.isfinite(self.base)):
+            raise ConfigError(f"Exponential base must be > 0 seconds, got {self.base!r}")
+        if not self.max >= self.base:
+            raise ConfigError(f"Exponential max ({self.max!r}) must be >= base ({self.base!r})")
+        if self.jitter not in ("full", "equal", "none"):
+            raise ConfigError(f"jitter must be 'full', 'equal' or 'none', got {self.jitter!r}")
+
+    def compute(self, retry: int, rand: float) -> float:
+        """The delay before retry number ``retry`` (1-based), given ``rand`` in [0, 1)."""
+        cap = self.max if retry > 64 else min(self.max, self.base * 2.0 ** (retry - 1))
+        if self.jitter == "full":
+            return cap * rand
+        if self.jitter == "equal":
+            return cap / 2 + cap / 2 * rand
+        return cap
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """The same delay before every retry.
+
+    .. versionadded:: 0.1
+    """
+
+    delay: float = 0.1
+
+    def __post_init__(self) -> None:
+        from stanchion.errors import ConfigError
+
+        if not (self.delay >= 0 and math.isfinite(self.delay)):
+            raise ConfigError(f"Fixed delay must be >= 0 seconds, got {self.delay!r}")
+
+    def compute(self, retry: int, rand: float) -> float:
+        """Always ``delay``."""
+        return self.delay
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """Decision: sleep ``delay`` seconds, then make attempt ``attempt``."""
+
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Decision: stop; ``reason`` is ``"attempts"``, ``"deadline"`` or ``"budget"``."""
+
+    reason: Literal["attempts", "deadline", "budget"]
+
+
+class RetryPlan:
+    """When to retry: attempts, back-off and an overall deadline, pure.
+
+    Args:
+        attempts: total attempts allowed (the first one included), >= 1.
+        backoff: an :class:`Exponential` or :class:`Fixed`.
+        deadline: seconds from ``started`` after which nothing more starts.
+        started: when the operation began.
+    """
+
+    __slots__ = ("attempts", "backoff", "ends")
+
+    def __init__(
+        self,
+        attempts: int,
+        backoff: Exponential | Fixed,
+        deadline: float | None,
+        started: float,
+    ) -> None:
+        self.attempts = attempts
+        self.backoff = backoff
+        self.ends = None if deadline is None else started + deadline
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left before the deadline (None without one)."""
+        return None if self.ends is None else self.ends - now
+
+    def next(self, failed_attempt: int, now: float, rand: float) -> RetryAfter | GiveUp:
+        """After attempt ``failed_attempt`` (1-based) failed at ``now``: retry or give up."""
+        if failed_attempt >= self.attempts:
+            return GiveUp("attempts")
+        delay = self.backoff.compute(failed_attempt, rand)
+        if self.ends is not None and now + delay >= self.ends:
+            # sleeping would reach the deadline with no time left to try: the
+            # deadline caps the last sleep by not taking it
+            return GiveUp("deadline")
+        return RetryAfter(delay, failed_attempt + 1)
+
+
+class BudgetWindow:
+    """A retry budget's ledger (Finagle's RetryBudget), pure.
+
+    Over the last ``ttl`` seconds (one-second buckets), a retry may be
+    withdrawn while ``min_per_second * ttl + ratio * deposits - withdrawals
+    >= 1``: retries are at most ``ratio`` of requests, plus a small reserve so
+    low-traffic clients can still retry.
+    """
+
+    __slots__ = ("dep", "head", "min_per_second", "ratio", "size", "ttl", "wd")
+
+    def __init__(self, ratio: float, min_per_second: float, ttl: float) -> None:
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.ttl = ttl
+        self.size = max(1, math.ceil(ttl))
+        self.dep = [0] * self.size
+        self.wd = [0] * self.size
+        self.head: int | None = None
+
+    def _roll(self, now: float) -> int:
+        sec = math.floor(now)
+        head = self.head
+        if head is None or sec - head >= self.size:
+            self.dep = [0] * self.size
+            self.wd = [0] * self.size
+        elif sec > head:
+            for s in range(head + 1, sec + 1):
+                k = s % self.size
+                self.dep[k] = self.wd[k] = 0
+        if head is None or sec > head:
+            self.head = sec
+        return (self.head if self.head is not None else sec) % self.size
+
+    def balance(self, now: float) -> float:
+        """Retries available now (may be fractional)."""
+        self._roll(now)
+        return self.min_per_second * self.ttl + self.ratio * sum(self.dep) - sum(self.wd)
+
+    def deposit(self, now: float) -> None:
+        """A new request (first attempt) started."""
+        k = self._roll(now)  # may replace the lists: index after rolling
+        self.dep[k] += 1
+
+    def withdraw(self, now: float) -> bool:
+        """Take one retry if the budget allows it."""
+        if self.balance(now) >= 1.0 - 1e-9:
+            k = self._roll(now)
+            self.wd[k] += 1
+            return True
+        return False
+
+
+# == rate limiter =================================================================
+
+
+class TokenBucket:
+    """A token bucket that hands out reservations, pure.
+
+    ``burst`` tokens at most, refilled at ``rate`` per second. ``reserve``
+    takes a token now or books the next one (the balance goes negative), so
+    waiters are served in order and nobody starves.
+    """
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
+            self.last = now
+
+    def reserve(self, now: float, max_wait: float) -> float | None:
+        """Book a token: the wait in seconds (0.0 = go), or None (retry later)."""
+        self._refill(now)
+        wait = 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+        if wait > max_wait:
+            return None
+        self.tokens -= 1.0
+        return wait
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until a token is free."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def available(self, now: float) -> float:
+        """Tokens in the bucket now."""
+        self._refill(now)
+        return self.tokens
