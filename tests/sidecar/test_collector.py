@@ -23,8 +23,14 @@ def store_url(backend_url: str) -> str:
     return backend_url
 
 
-def rec(i: int, *, service: str = "api", level: str = "info", ts: float | None = None,
-        msg: str | None = None) -> LogRecord:  # fmt: skip
+def rec(
+    i: int,
+    *,
+    service: str = "api",
+    level: str = "info",
+    ts: float | None = None,
+    msg: str | None = None,
+) -> LogRecord:
     return LogRecord(
         id=f"stdout/run1/{i}",
         source="stdout",
@@ -78,18 +84,25 @@ async def test_push_dedupes_and_returns_the_record_shape(svc: Running) -> None:
     assert (await r.json()) == {"accepted": 10, "inserted": 5, "duplicates": 5}
     page = await svc.logs(limit="100")
     assert [x["message"] for x in page["records"]] == [f"line {i}" for i in range(15)]
-    assert set(page["records"][0]) == {"id", "source", "ts", "level", "message", "fields",
-                                       "labels"}  # fmt: skip
+    assert set(page["records"][0]) == {"id", "source", "ts", "level", "message", "fields", "labels"}
     assert page["records"][3]["fields"] == {"i": 3} and page["next_cursor"] is None
 
 
 async def test_filters_and_cursor_paging(svc: Running) -> None:
-    batch = [rec(i, service="api" if i % 2 else "web", level="error" if i % 3 == 0 else "info",
-                 msg=f"{'Timeout' if i % 5 == 0 else 'ok'} {i}") for i in range(60)]  # fmt: skip
+    batch = [
+        rec(
+            i,
+            service="api" if i % 2 else "web",
+            level="error" if i % 3 == 0 else "info",
+            msg=f"{'Timeout' if i % 5 == 0 else 'ok'} {i}",
+        )
+        for i in range(60)
+    ]
     assert (await svc.push(batch)).status == 200
     errors = await svc.logs(service="api", level="error", limit="1000")
-    assert [x["fields"]["i"] for x in errors["records"]] == [i for i in range(60)
-                                                            if i % 2 and i % 3 == 0]  # fmt: skip
+    assert [x["fields"]["i"] for x in errors["records"]] == [
+        i for i in range(60) if i % 2 and i % 3 == 0
+    ]
     q = await svc.logs(q="timeout", limit="1000")
     assert [x["fields"]["i"] for x in q["records"]] == list(range(0, 60, 5))
     window = await svc.logs(since=str(1_700_000_010), until="2023-11-14T22:13:40Z", limit="1000")
@@ -113,8 +126,9 @@ async def test_token_size_limit_and_bad_bodies(svc: Running) -> None:
     async with aiohttp.ClientSession() as anon:
         r = await anon.post(svc.base + "/api/push", data=ndjson([rec(1)]))
         assert r.status == 401
-        r = await anon.post(svc.base + "/api/push", data=ndjson([rec(1)]),
-                            headers={"Authorization": "Bearer wrong"})  # fmt: skip
+        r = await anon.post(
+            svc.base + "/api/push", data=ndjson([rec(1)]), headers={"Authorization": "Bearer wrong"}
+        )
         assert r.status == 401
     big = [rec(i, msg="x" * 1000) for i in range(100)]  # ~110 KB > 64 KiB
     assert (await svc.push(big)).status == 413
@@ -122,8 +136,9 @@ async def test_token_size_limit_and_bad_bodies(svc: Running) -> None:
     r = await svc.http.post(svc.base + "/api/push", data=gz, headers={"Content-Encoding": "gzip"})
     assert r.status == 413  # the limit applies after decoding too
     small = gzip.compress(ndjson([rec(1), rec(2)]))
-    r = await svc.http.post(svc.base + "/api/push", data=small,
-                            headers={"Content-Encoding": "gzip"})  # fmt: skip
+    r = await svc.http.post(
+        svc.base + "/api/push", data=small, headers={"Content-Encoding": "gzip"}
+    )
     assert r.status == 200 and (await r.json())["inserted"] == 2
     r = await svc.http.post(svc.base + "/api/push", data=b'{"id": 1}\n')
     assert r.status == 400
@@ -135,8 +150,9 @@ async def test_live_tail_sse_with_resume(svc: Running) -> None:
     got: list[dict] = []  # type: ignore[type-arg]
 
     async def listen() -> None:
-        async with svc.http.get(svc.base + "/api/tail", params={"level": "error"},
-                                headers={"Last-Event-ID": "0"}) as r:  # fmt: skip
+        async with svc.http.get(
+            svc.base + "/api/tail", params={"level": "error"}, headers={"Last-Event-ID": "0"}
+        ) as r:
             assert r.headers["Content-Type"].startswith("text/event-stream")
             async for raw in r.content:
                 line = raw.decode().strip()
@@ -154,8 +170,9 @@ async def test_live_tail_sse_with_resume(svc: Running) -> None:
 
 
 async def test_retention_by_age_and_count(store_url: str) -> None:
-    c, base = await start(store_url, CollectorOptions(retention=3600, max_records=5,
-                                                      prune_interval=3600))  # fmt: skip
+    c, base = await start(
+        store_url, CollectorOptions(retention=3600, max_records=5, prune_interval=3600)
+    )
     try:
         async with aiohttp.ClientSession() as s:
             now = time.time()

@@ -7,7 +7,10 @@ from typing import Protocol
 
 from stanchion.sidecar._core import LogQuery
 
-__all__ = ["Capabilities", "LogStore", "StoredRecord"]
+__all__ = ["Capabilities", "LogStore", "Row", "StoredRecord"]
+
+Row = tuple[str, float, str, str, str, str, bytes]
+"""``(id, ts, service, level, source, message, body)``: one record to store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +40,9 @@ class LogStore(Protocol):
     capabilities: Capabilities
 
     async def insert(
-        self, rows: list[tuple[str, float, str, str, str, str, bytes]]
-    ) -> list[StoredRecord]:
-        """Insert rows whose id is new; return the inserted ones in order."""
+        self, rows: list[Row], *, returning: bool = False
+    ) -> tuple[int, list[StoredRecord]]:
+        """Insert rows whose id is new; how many, and (``returning``) which, in order."""
         ...
 
     async def query(self, query: LogQuery) -> list[StoredRecord]:

@@ -373,7 +373,13 @@ _MSG_KEYS = ("message", "msg", "event", "text")
 _LOGFMT = re.compile(rb'([^\s=]+)=(?:"((?:[^"\\]|\\.)*)"|(\S*))')
 _FORMATS = ("json", "logfmt", "regex", "text")
 
-Parsed = tuple[float | None, str, str, dict[str, Any]]
+_SPECIAL_KEYS = frozenset(_TS_KEYS + _LEVEL_KEYS + _MSG_KEYS)
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)\Z")
+_LEVEL_CACHE = {k: v for k, v in _LEVELS.items()} | {k.upper(): v for k, v in _LEVELS.items()}
+_LEVEL_CACHE |= {k.capitalize(): v for k, v in _LEVELS.items()}
+
+Parsed = tuple[float | str | None, str, str, dict[str, Any]]
+"""``(ts, level, message, fields)``: ``ts`` is RFC 3339 text, epoch seconds or None."""
 
 
 class LineParser:
@@ -452,21 +458,31 @@ class LineParser:
         return None, self.default_level, data.decode("utf-8", "replace"), {}
 
     def _lift(self, obj: dict[str, Any]) -> Parsed:
-        ts: float | None = None
+        special = obj.keys() & _SPECIAL_KEYS
+        if not special:
+            return None, self.default_level, "", obj
+        ts: float | str | None = None
+        level = self.default_level
+        message = ""
         for key in _TS_KEYS:
-            if key in obj:
-                ts = parse_ts(obj[key])
+            if key in special:
+                value = obj[key]
+                # RFC 3339 text is kept as the line gave it; anything else is converted
+                ts = value if isinstance(value, str) and _RFC3339.match(value) else parse_ts(value)
                 if ts is not None:
                     del obj[key]
                     break
-        level = self.default_level
         for key in _LEVEL_KEYS:
-            if key in obj:
-                level = normalize_level(obj.pop(key), self.default_level)
+            if key in special:
+                value = obj.pop(key)
+                level = (
+                    _LEVEL_CACHE.get(value) or normalize_level(value, self.default_level)
+                    if isinstance(value, str)
+                    else normalize_level(value, self.default_level)
+                )
                 break
-        message = ""
         for key in _MSG_KEYS:
-            if key in obj:
+            if key in special:
                 value = obj.pop(key)
                 message = value if isinstance(value, str) else msgspec.json.encode(value).decode()
                 break
@@ -523,6 +539,8 @@ class Pipeline:
                 if now_text is None:
                     now_text = format_ts(now_epoch)
                 ts_text = now_text
+            elif isinstance(ts, str):
+                ts_text = ts
             else:
                 ts_text = format_ts(ts)
             rec: LogRecord | None = LogRecord(
@@ -872,8 +890,8 @@ class TailTracker:
             copies.append(st)
         for st in copies:
             fp = fingerprint(st.head, self.fp_bytes)
-            if fp is None:
-                continue
+            if fp is None or self._by_inode(st.dev, st.inode) is not None:
+                continue  # too short yet, or registered as a copy just above
             original = next(
                 (
                     s
@@ -883,7 +901,19 @@ class TailTracker:
                 None,
             )
             if original is not None:
-                # a copy made ahead of its original's truncate: wait for the truncate,
+                if original.done:
+                    # the copy of a generation already found truncated (the copy showed up
+                    # after the truncate was seen): read the rest from it now
+                    ident = f"{st.inode:x}.c-{original.fp}"
+                    self.states[ident] = FileState(
+                        ident, st.dev, st.inode, original.fp, original.fp_len, st.size, st.path,
+                        0, original.identity, True,
+                    )  # fmt: skip
+                    if st.size > original.offset:
+                        plans.append(
+                            ReadPlan(original, st.path, st.inode, original.offset, final=True)
+                        )
+                # else: a copy made ahead of its original's truncate: wait for the truncate,
                 # when _find_copy reads it (see the essay on top)
                 continue
             new = self._new(st, 0, st.size if first and self.read_from == "end" else 0)
@@ -914,14 +944,15 @@ class TailTracker:
             for ident, s in self.states.items()
             if (s.dev, s.inode) not in present and ident not in keep
         ]
-        newest: dict[tuple[int, int], int] = {}
+        # keep the last few truncated generations of a present inode: a late copy of
+        # one of them is recognised by their fingerprint
+        gens: dict[tuple[int, int], list[FileState]] = {}
         for s in self.states.values():
-            key = (s.dev, s.inode)
-            newest[key] = max(newest.get(key, -1), s.gen)
-        for ident, s in self.states.items():
-            # older generations of a present inode are history once read
-            if s.done and s.copy_of is None and s.gen < newest[(s.dev, s.inode)]:
-                gone.append(ident)
+            if s.copy_of is None:
+                gens.setdefault((s.dev, s.inode), []).append(s)
+        for group in gens.values():
+            group.sort(key=lambda s: s.gen)
+            gone += [s.identity for s in group[:-8] if s.done]
         for ident in gone:
             if ident not in keep:
                 self.states.pop(ident, None)

@@ -56,6 +56,7 @@ from stanchion.sidecar._sinks import Sink, SinkRejected, make_sink
 __all__ = ["Sidecar"]
 
 log = get_logger("stanchion.sidecar")
+_PIPE_READ = 65536  # one pipe's worth: bounds what a SIGKILL can catch in flight
 _encode_lines = msgspec.json.Encoder().encode_lines
 
 
@@ -227,8 +228,6 @@ class Sidecar:
                 delay = r.opts.backoff.delay(attempt, random.random())
                 attempt += 1
                 log.warning("sidecar.sink_down", sink=name, error=str(exc), retry_in=delay)
-                if self._draining.is_set():
-                    return  # the buffer keeps the batch for the next start
                 await asyncio.sleep(delay)
                 continue
             r.buffer.ack(batch)
@@ -245,33 +244,53 @@ class Sidecar:
 
     # -- child
 
-    async def _read_pipe(self, reader: asyncio.StreamReader, stream: str, run_id: str) -> None:
+    async def _read_pipe(self, fd: int, stream: str, run_id: str) -> None:
+        """Move the pipe's bytes straight into the buffers (no user-space read-ahead).
+
+        The read callback reads, parses and appends in one step, so the only bytes
+        a SIGKILL of the sidecar can lose are those still in the kernel's pipe, plus at
+        most the one read (<= 64 KiB, one pipe's worth) being moved into the buffer at
+        that instant, and a partial last line or an open multiline record.
+        """
         parse = self.opts.stdout_parse if stream == "stdout" else self.opts.stderr_parse
         pipeline = Pipeline(parse.parser(), stream, {**self.labels, "stream": stream})
         s = _Stream(parse, pipeline, run_id, 0)
         echo = (sys.stdout if stream == "stdout" else sys.stderr).buffer
         loop = asyncio.get_running_loop()
-        poll_task: asyncio.Task[None] | None = None
-        if s.multiline is not None:
+        done: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
 
-            async def poll() -> None:
-                while True:
-                    await asyncio.sleep(min(0.25, s.multiline.timeout if s.multiline else 0.25))
-                    self._ingest(s.poll(loop.time(), time.time()), stream)
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, _PIPE_READ)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_result(None)
+                return
+            if self.opts.passthrough:
+                with contextlib.suppress(OSError, ValueError):
+                    echo.write(data)
+                    echo.flush()
+            self._ingest(s.feed(data, loop.time(), time.time()), stream)
+            self._count_truncated(s)
 
-            poll_task = asyncio.create_task(poll())
-        try:
+        async def poll() -> None:
             while True:
-                data = await reader.read(1 << 18)
-                if not data:
-                    break
-                if self.opts.passthrough:
-                    with contextlib.suppress(OSError, ValueError):
-                        echo.write(data)
-                        echo.flush()
-                self._ingest(s.feed(data, loop.time(), time.time()), stream)
-                self._count_truncated(s)
+                await asyncio.sleep(0.1)
+                self._ingest(s.poll(loop.time(), time.time()), stream)
+
+        poll_task = asyncio.create_task(poll()) if s.multiline is not None else None
+        loop.add_reader(fd, on_readable)
+        try:
+            await done
         finally:
+            loop.remove_reader(fd)
+            os.close(fd)
             if poll_task is not None:
                 poll_task.cancel()
             self._ingest(s.flush(time.time()), stream)
@@ -282,29 +301,46 @@ class Sidecar:
             log.warning("sidecar.line_truncated", skipped_bytes=s.splitter.skipped_bytes)
             s.splitter.skipped_bytes = 0
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        pipe = asyncio.subprocess.PIPE
-        return await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=None,
-            stdout=pipe if self.opts.capture_stdout else None,
-            stderr=pipe if self.opts.capture_stderr else None,
-            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
-            limit=1 << 20,
-        )
+    async def _spawn(self) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+        pipes: dict[str, tuple[int, int]] = {}
+        if self.opts.capture_stdout:
+            pipes["stdout"] = os.pipe()
+        if self.opts.capture_stderr:
+            pipes["stderr"] = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=None,
+                stdout=pipes["stdout"][1] if "stdout" in pipes else None,
+                stderr=pipes["stderr"][1] if "stderr" in pipes else None,
+                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        except BaseException:
+            for r, w in pipes.values():
+                os.close(r)
+                os.close(w)
+            raise
+        for _, w in pipes.values():
+            os.close(w)
+        return proc, {name: r for name, (r, _) in pipes.items()}
 
     async def _supervise(self) -> int:
         while True:
             run_id = uuid.uuid4().hex[:12]
             started = time.monotonic()
-            self.proc = proc = await self._spawn()
+            try:
+                proc, fds = await self._spawn()
+            except OSError as exc:
+                # like a shell: 127 command not found, 126 not executable
+                log.error("sidecar.spawn_failed", argv=self.argv, error=str(exc))
+                print(f"stanchion sidecar: cannot start {self.argv[0]!r}: {exc}", file=sys.stderr)
+                return 127 if isinstance(exc, FileNotFoundError) else 126
+            self.proc = proc
             self.m_child_up.set(1)
             log.info("sidecar.child_started", pid=proc.pid, argv=self.argv, run=run_id)
-            readers = []
-            if proc.stdout is not None:
-                readers.append(asyncio.create_task(self._read_pipe(proc.stdout, "stdout", run_id)))
-            if proc.stderr is not None:
-                readers.append(asyncio.create_task(self._read_pipe(proc.stderr, "stderr", run_id)))
+            readers = [
+                asyncio.create_task(self._read_pipe(fd, name, run_id)) for name, fd in fds.items()
+            ]
             code = await proc.wait()
             await asyncio.gather(*readers, return_exceptions=True)
             self.m_child_up.set(0)
@@ -405,21 +441,17 @@ class Sidecar:
         while True:
             stats: list[FileStat] = []
             paths: set[str] = set()
-            for pattern in inp.paths:
-                paths.update(glob.glob(pattern))
-            for p in paths:
-                try:
-                    fd = os.open(p, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    st = os.fstat(fd)
-                    head = os.pread(fd, fp_bytes, 0)
-                finally:
-                    os.close(fd)
-                if st.st_mode & 61440 != 32768:
-                    continue
-                stats.append(FileStat(p, st.st_dev, st.st_ino, st.st_size, head, st.st_mtime))
+            # glob, stat, then glob again: a copytruncate copy made between our glob and our
+            # stat of its truncated original is then seen in the same round
+            for _round in (0, 1):
+                fresh: set[str] = set()
+                for pattern in inp.paths:
+                    fresh.update(glob.glob(pattern))
+                for p in sorted(fresh - paths):
+                    st = self._stat_file(p, fp_bytes)
+                    if st is not None:
+                        stats.append(st)
+                paths |= fresh
             present = {(s.dev, s.inode) for s in stats}
             active = False
             behind = False  # an older file is not read to its end yet: keep the order
@@ -511,6 +543,21 @@ class Sidecar:
                 await asyncio.sleep(inp.poll_interval)
             else:
                 await asyncio.sleep(0)
+
+    @staticmethod
+    def _stat_file(path: str, fp_bytes: int) -> FileStat | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, fp_bytes, 0)
+        finally:
+            os.close(fd)
+        if st.st_mode & 0o170000 != 0o100000:
+            return None
+        return FileStat(path, st.st_dev, st.st_ino, st.st_size, head, st.st_mtime)
 
     def _child_done(self) -> bool:
         return self.proc is not None and self.proc.returncode is not None

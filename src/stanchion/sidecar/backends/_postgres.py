@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stanchion.errors import BackendUnavailable, ConfigError
-from stanchion.sidecar._backend import Capabilities, StoredRecord
+from stanchion.sidecar._backend import Capabilities, Row, StoredRecord
 from stanchion.sidecar._core import LogQuery
 from stanchion.sidecar.backends._sqlite import build_where
 from stanchion.urls import ParsedURL, parse_url
@@ -70,11 +70,11 @@ class PostgresLogStore:
         return self._pool
 
     async def insert(
-        self, rows: list[tuple[str, float, str, str, str, str, bytes]]
-    ) -> list[StoredRecord]:
-        """Insert new ids (ON CONFLICT DO NOTHING) and return what was inserted, in order."""
+        self, rows: list[Row], *, returning: bool = False
+    ) -> tuple[int, list[StoredRecord]]:
+        """Insert new ids (ON CONFLICT DO NOTHING); the count and, if asked, the new records."""
         if not rows:
-            return []
+            return 0, []
         pool = await self._get()
         cols = list(zip(*rows))
         try:
@@ -84,12 +84,16 @@ class PostgresLogStore:
                     "SELECT a, b, c, d, e, f, g FROM unnest($1::text[], $2::float8[], "
                     "$3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[]) "
                     "WITH ORDINALITY AS u(a,b,c,d,e,f,g,o) "
-                    "ORDER BY o ON CONFLICT (id) DO NOTHING RETURNING seq, ts, body",
+                    "ORDER BY o ON CONFLICT (id) DO NOTHING RETURNING seq, ts"
+                    + (", body" if returning else ""),
                     *[list(c) for c in cols],
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise BackendUnavailable(f"insert into {self.masked} failed: {exc}") from exc
-        return sorted((StoredRecord(r[0], r[1], bytes(r[2])) for r in result), key=lambda s: s.seq)
+        if not returning:
+            return len(result), []
+        new = sorted((StoredRecord(r[0], r[1], bytes(r[2])) for r in result), key=lambda s: s.seq)
+        return len(new), new
 
     async def query(self, query: LogQuery) -> list[StoredRecord]:
         """Matching records after the cursor, in arrival order."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stanchion.errors import BackendUnavailable, ConfigError
-from stanchion.sidecar._backend import Capabilities, StoredRecord
+from stanchion.sidecar._backend import Capabilities, Row, StoredRecord
 from stanchion.sidecar._core import LogQuery
 from stanchion.urls import ParsedURL, parse_url
 
@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {t} (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     ts REAL NOT NULL,
     service TEXT NOT NULL,
@@ -111,35 +111,39 @@ class SQLiteLogStore:
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"sqlite {self.path}: {exc}") from exc
 
-    def _insert(
-        self, rows: list[tuple[str, float, str, str, str, str, bytes]]
-    ) -> list[StoredRecord]:
+    def _insert(self, rows: list[Row], returning: bool) -> tuple[int, list[StoredRecord]]:
         conn = self._open()
         t = self.table
         conn.execute("BEGIN IMMEDIATE")
         try:
             before = conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {t}").fetchone()[0]
+            changes = conn.total_changes
             conn.executemany(
                 f"INSERT OR IGNORE INTO {t} (id, ts, service, level, source, message, body)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            new = conn.execute(
-                f"SELECT seq, ts, body FROM {t} WHERE seq > ? ORDER BY seq", (before,)
-            ).fetchall()
+            n = conn.total_changes - changes
+            new = (
+                conn.execute(
+                    f"SELECT seq, ts, body FROM {t} WHERE seq > ? ORDER BY seq", (before,)
+                ).fetchall()
+                if returning and n
+                else []
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return [StoredRecord(s, ts, bytes(b)) for s, ts, b in new]
+        return n, [StoredRecord(s, ts, bytes(b)) for s, ts, b in new]
 
     async def insert(
-        self, rows: list[tuple[str, float, str, str, str, str, bytes]]
-    ) -> list[StoredRecord]:
-        """Insert new ids (INSERT OR IGNORE) and return what was inserted."""
+        self, rows: list[Row], *, returning: bool = False
+    ) -> tuple[int, list[StoredRecord]]:
+        """Insert new ids (INSERT OR IGNORE); the count and, if asked, the new records."""
         if not rows:
-            return []
-        result: list[StoredRecord] = await self._run(self._insert, rows)
+            return 0, []
+        result: tuple[int, list[StoredRecord]] = await self._run(self._insert, rows, returning)
         return result
 
     def _query(self, query: LogQuery) -> list[StoredRecord]:
