@@ -1,0 +1,1 @@
+"""Shared breaker-state stores: memory (one process) and Redis."""
