@@ -159,7 +159,8 @@ def test_buffer_policy_batches_and_cap() -> None:
     assert p.ready(10, 100, 0.0) and p.ready(3, 1000, 0.0) and p.ready(1, 1, 1.0)
     assert p.segments_to_drop([40_000, 40_000, 10_000], 5_000) == 0
     assert p.segments_to_drop([40_000, 40_000, 10_000], 20_000) == 1
-    assert p.segments_to_drop([90_000, 10_000], 50_000) == 1  # never the newest one
+    assert p.segments_to_drop([90_000, 10_000], 50_000) == 1
+    assert p.segments_to_drop([90_000], 50_000) == 1  # even the one being written
     with pytest.raises(ConfigError):
         BufferPolicy(max_bytes=10)
 

@@ -271,7 +271,7 @@ backoff_max = 0.1
 
         wait_for(lambda: dropped() > 0)
         seg = sum(f.stat().st_size for f in (tmp_path / "state/buffers/down").glob("*.seg"))
-        assert seg <= 262144 + 65536
+        assert seg <= 262144
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=20)
         assert "sidecar.buffer_full" in err

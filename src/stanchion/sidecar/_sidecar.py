@@ -162,6 +162,7 @@ class Sidecar:
         self._trackers: dict[str, TailTracker] = {}
         self._dropped_seen: dict[str, int] = {}
         self._truncated_seen = 0
+        self._last_checkpoint = 0.0
 
     # -- records into buffers
 
@@ -390,9 +391,20 @@ class Sidecar:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _save_positions(self) -> None:
+    def _save_positions(self, force: bool = False) -> None:
+        """Checkpoint file positions (every ``checkpoint_interval`` s, or now if ``force``).
+
+        Records are in the buffers before their positions are saved; with ``fsync``
+        the buffers are fsynced first, so a checkpoint never covers data a power
+        loss could take. Between checkpoints a crash re-reads (and re-sends, with
+        the same ids) at most ``checkpoint_interval`` seconds of lines.
+        """
         if not self._trackers:
             return
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < self.opts.checkpoint_interval:
+            return
+        self._last_checkpoint = now
         if self.opts.fsync:
             for r in self.runners:
                 r.buffer.sync()
@@ -535,7 +547,7 @@ class Sidecar:
             if self._stop.is_set() and not active and (self.proc is None or self._child_done()):
                 for s in streams.values():
                     self._ingest(s.flush(time.time()), inp.name)
-                self._save_positions()
+                self._save_positions(force=True)
                 for fd, _ in fds.values():
                     os.close(fd)
                 return
@@ -650,7 +662,7 @@ class Sidecar:
                 t.cancel()
             await asyncio.gather(*tails, return_exceptions=True)
             with contextlib.suppress(Exception):
-                self._save_positions()
+                self._save_positions(force=True)
             self._draining.set()
             for r in self.runners:
                 r.wake.set()
