@@ -132,11 +132,14 @@ def run(name: str, tmp: Path, n: int, data: Path, mode: str, sink: str) -> dict[
     side.returncode = os.waitstatus_to_exitcode(status)
     cpu, peak = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
     stored = n
+    collector_cpu = float("nan")
     if collector is not None:
         with urllib.request.urlopen(f"http://127.0.0.1:{cport}/health", timeout=30) as r:
             stored = json.loads(r.read())["records"]
         collector.send_signal(signal.SIGTERM)
-        collector.wait(30)
+        _, cstatus, cusage = os.wait4(collector.pid, 0)
+        collector.returncode = os.waitstatus_to_exitcode(cstatus)
+        collector_cpu = cusage.ru_utime + cusage.ru_stime
     return {
         "scenario": name,
         "lines": n,
@@ -145,8 +148,13 @@ def run(name: str, tmp: Path, n: int, data: Path, mode: str, sink: str) -> dict[
         "sidecar_cpu_s": cpu,
         "lines_per_cpu_s": n / cpu if cpu else float("nan"),
         "peak_mb": peak,
+        "collector_cpu_s": collector_cpu,
         "lost": n - stored,
     }
+
+
+def _num(value: object) -> str:
+    return "-" if not isinstance(value, float) or value != value else f"{value:.2f}"
 
 
 def main() -> None:
@@ -176,9 +184,9 @@ def main() -> None:
         print(
             f"| {r['scenario']} | {r['lines']:,} | {r['wall_s']:.2f} | {r['lines_per_s']:,.0f} "
             f"| {r['sidecar_cpu_s']:.2f} | {r['lines_per_cpu_s']:,.0f} | {r['peak_mb']:.0f} "
-            f"| {r['lost']} |"
+            f"| {_num(r['collector_cpu_s'])} | {r['lost']} |"
         )
-    print("| Fluent Bit / Vector / Promtail | not installed on this machine | | | | | | |")
+    print("| Fluent Bit / Vector / Promtail | not installed on this machine | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -261,3 +261,22 @@ def test_log_query_params() -> None:
     with pytest.raises(ConfigError):
         LogQuery.from_params({"since": "yesterday"}, 0)
     assert parse_duration("7d") == 604800
+
+
+def test_tail_copy_seen_after_the_truncate_is_still_read() -> None:
+    t = TailTracker(fingerprint_bytes=64)
+    content = b"".join(b"line %03d\n" % i for i in range(20))
+    plan = t.observe([_stat("app.log", 10, content)])[0]
+    plan.state.offset = 90
+    # the truncate is seen first (the copy was not globbed yet): new generation from 0
+    plans = t.observe([_stat("app.log", 10, b"fresh\n")])
+    assert [(p.offset, p.reset) for p in plans] == [(0, True)]
+    plans[0].state.offset = 6
+    # then the copy shows up: the rest of the old generation is read from it
+    late = t.observe([_stat("app.log", 10, b"fresh\n"), _stat("app.log.1", 12, content)])
+    assert [(p.path, p.offset, p.final, p.state.identity) for p in late] == [
+        ("app.log.1", 90, True, plan.state.identity),  # the old generation's rest first
+        ("app.log", 6, False, plans[0].state.identity),
+    ]
+    again = t.observe([_stat("app.log", 10, b"fresh\n"), _stat("app.log.1", 12, content)])
+    assert [p.path for p in again] == ["app.log"]

@@ -243,7 +243,7 @@ def _parse_opts(table: dict[str, Any], where: str) -> ParseOptions:
     opts = {k: v for k, v in table.items() if k in _PARSE_KEYS}
     try:
         return ParseOptions(**opts)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
@@ -316,6 +316,8 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
             sinks.append(SinkOptions(name, kind, s, buffer, backoff))
         except (ConfigError, ValueError, TypeError) as exc:
             raise ConfigError(f"{w}: {exc}") from exc
+    stdout_parse = _parse_opts(out_t, f"{where} [capture]")
+    stderr_parse = _parse_opts(err_t, f"{where} [capture]/[stderr]")
     try:
         return SidecarOptions(
             service=str(sc.get("service", "")),
@@ -329,8 +331,8 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
             passthrough=bool(sc.get("passthrough", True)),
             capture_stdout=bool(capture.get("stdout", True)),
             capture_stderr=bool(capture.get("stderr", True)),
-            stdout_parse=_parse_opts(out_t, f"{where} [stdout]"),
-            stderr_parse=_parse_opts(err_t, f"{where} [stderr]"),
+            stdout_parse=stdout_parse,
+            stderr_parse=stderr_parse,
             files=tuple(files),
             sinks=tuple(sinks),
             fsync=bool(sc.get("fsync", True)),
@@ -338,8 +340,6 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
             drain_timeout=float(sc.get("drain_timeout", 5.0)),
         )
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise ConfigError(f"{where}: {exc}") from exc
         raise ConfigError(f"{where}: {exc}") from exc
 
 

@@ -919,8 +919,9 @@ class TailTracker:
                         0, original.identity, True,
                     )  # fmt: skip
                     if st.size > original.offset:
-                        plans.append(
-                            ReadPlan(original, st.path, st.inode, original.offset, final=True)
+                        # older than anything else planned: read it first, in order
+                        plans.insert(
+                            0, ReadPlan(original, st.path, st.inode, original.offset, final=True)
                         )
                 # else: a copy made ahead of its original's truncate: wait for the truncate,
                 # when _find_copy reads it (see the essay on top)
