@@ -20,7 +20,8 @@ URL options: ``schema`` (default ``public``), ``pool_size`` (default 10).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 from stanchion.cqrs._backend import (
@@ -49,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - the registry names the extra
 
 __all__ = ["PostgresReadModel"]
 
+_CONFLICT = "SC001"  # SQLSTATE our checkpoint compare-and-set raises
 _LOCK_KEY = 0x5C0512  # advisory lock serialising schema creation across processes
 
 
@@ -68,14 +70,14 @@ class _Tx(SQLTransaction):
         self,
         model: PostgresReadModel,
         conn: Any,
-        tr: Any,
+        release: Callable[[Any], Awaitable[None]],
         name: str,
         shadow: bool,
     ) -> None:
         super().__init__(name, shadow)
         self._model = model
         self._conn = conn
-        self._tr = tr
+        self._give_back = release
         self._key = shadow_name(name) if shadow else name
         self._done = False
         self._pending_sql: str | None = None
@@ -145,21 +147,28 @@ class _Tx(SQLTransaction):
 
     async def commit(self, expected: int, position: int, token: int | None) -> None:
         await self.flush()
-        status = await self._conn.execute(
-            f"UPDATE {self._model.cp_table} SET position = $1, token = COALESCE($2, token), "
-            "updated_at = $3 WHERE name = $4 AND position = $5 "
-            "AND ($2::bigint IS NULL OR token IS NULL OR token <= $2::bigint)",
-            position,
-            token,
-            now(),
-            self._key,
-            expected,
+        # One round trip: the compare-and-set raises inside the transaction
+        # when it matches no row, so the COMMIT after it never runs.
+        tok = "NULL::bigint" if token is None else str(int(token))
+        sql = (
+            f"DO $$BEGIN UPDATE {self._model.cp_table} SET position = {int(position)}, "
+            f"token = COALESCE({tok}, token), updated_at = {now()!r} "
+            f"WHERE name = '{self._key}' AND position = {int(expected)} "
+            f"AND ({tok} IS NULL OR token IS NULL OR token <= {tok}); "
+            f"IF NOT FOUND THEN RAISE EXCEPTION USING ERRCODE = '{_CONFLICT}', "
+            "MESSAGE = 'stanchion checkpoint conflict'; END IF; END$$; COMMIT"
         )
-        if _count(status) != 1:
-            row = await self._conn.fetchrow(
+        try:
+            await self._conn.execute(sql)
+        except asyncpg.PostgresError as exc:
+            await self.rollback()
+            if getattr(exc, "sqlstate", None) != _CONFLICT:
+                raise
+            row = await self._model._p().fetchrow(
                 f"SELECT position, token FROM {self._model.cp_table} WHERE name = $1", self._key
             )
-            await self.rollback()
+            if row is None:
+                self._model._known.discard(self._key)
             raise_conflict(
                 self.name,
                 row["position"] if row else NO_POSITION,
@@ -167,23 +176,28 @@ class _Tx(SQLTransaction):
                 expected,
                 token,
             )
-        try:
-            await self._tr.commit()
-        finally:
-            await self._release()
+        except BaseException:
+            await self.rollback()
+            raise
+        await self._release()
 
     async def rollback(self) -> None:
-        if not self._done:
-            try:
-                await self._tr.rollback()
-            except Exception:  # connection broken: the server rolls back anyway
-                pass
-        await self._release()
+        if self._done:
+            return
+        self._done = True
+        self._pending_sql, self._pending = None, []
+        conn = self._conn
+        try:
+            if not conn.is_closed() and conn.is_in_transaction():
+                await asyncio.shield(conn.execute("ROLLBACK"))
+        except BaseException:
+            conn.terminate()  # left mid-protocol (cancelled): the server rolls back
+        await asyncio.shield(self._give_back(conn))
 
     async def _release(self) -> None:
         if not self._done:
             self._done = True
-            await self._model._release(self._conn)
+            await self._give_back(self._conn)
 
 
 class PostgresReadModel(ReadModel):
@@ -205,6 +219,9 @@ class PostgresReadModel(ReadModel):
         self.cp_table = f"{_q(self.schema)}.stanchion_checkpoints"
         self.parked_table = f"{_q(self.schema)}.stanchion_parked"
         self._pool: Any = None
+        self._writers: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._known: set[str] = set()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -236,6 +253,12 @@ class PostgresReadModel(ReadModel):
             )
 
     async def close(self) -> None:
+        writers, self._writers = self._writers, {}
+        for conn in writers.values():
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except BaseException:
+                conn.terminate()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -254,35 +277,71 @@ class PostgresReadModel(ReadModel):
 
     # -- runner side -----------------------------------------------------------
 
+    async def _writer(self, name: str) -> Any:
+        conn = self._writers.get(name)
+        if conn is None or conn.is_closed():
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, server_settings={"search_path": self.schema}, timeout=10
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
+            self._writers[name] = conn
+        return conn
+
     async def begin(self, name: str, *, shadow: bool = False) -> _Tx:
         validate_name(name)
         key = shadow_name(name) if shadow else name
+        release: Callable[[Any], Awaitable[None]]
+        if shadow:
+            try:
+                conn = await self._p().acquire()
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
+            release = self._release
+        else:
+            # Each projection has its own connection (one transaction at a
+            # time): no pool round trips, and prepared statements stay warm.
+            lock = self._locks.setdefault(name, asyncio.Lock())
+            await lock.acquire()
+            try:
+                conn = await self._writer(name)
+            except BaseException:
+                lock.release()
+                raise
+
+            async def release(_: Any) -> None:
+                lock.release()
+
         try:
-            conn = await self._p().acquire()
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
-        tr = conn.transaction()
-        try:
-            await tr.start()
-            if shadow:
+            if key not in self._known:
                 await conn.execute(
-                    f"SET LOCAL search_path TO {_q(self._shadow_schema(name))}, {_q(self.schema)}"
+                    f"INSERT INTO {self.cp_table} VALUES ($1, $2, NULL, $3) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    key,
+                    NO_POSITION,
+                    now(),
                 )
-            await conn.execute(
-                f"INSERT INTO {self.cp_table} VALUES ($1, $2, NULL, $3) "
-                "ON CONFLICT (name) DO NOTHING",
-                key,
-                NO_POSITION,
-                now(),
+                self._known.add(key)
+            path = (
+                f"SET LOCAL search_path TO {_q(self._shadow_schema(name))}, {_q(self.schema)}; "
+                if shadow
+                else ""
             )
-            await conn.execute(f"SELECT 1 FROM {self.cp_table} WHERE name = $1 FOR UPDATE", key)
+            # One round trip: open the transaction and lock the checkpoint row
+            # (the lock order every writer of this view follows).
+            await conn.execute(
+                f"BEGIN; {path}SELECT 1 FROM {self.cp_table} WHERE name = '{key}' FOR UPDATE"
+            )
         except BaseException:
             try:
-                await tr.rollback()
-            finally:
-                await self._release(conn)
+                if not conn.is_closed() and conn.is_in_transaction():
+                    await asyncio.shield(conn.execute("ROLLBACK"))
+            except BaseException:
+                conn.terminate()
+            await asyncio.shield(release(conn))
             raise
-        return _Tx(self, conn, tr, name, shadow)
+        return _Tx(self, conn, release, name, shadow)
 
     async def _checkpoint_row(self, key: str, name: str) -> Checkpoint:
         row = await self._p().fetchrow(
@@ -315,6 +374,7 @@ class PostgresReadModel(ReadModel):
 
     async def reset_shadow(self, name: str) -> None:
         validate_name(name)
+        self._known.discard(shadow_name(name))
         schema = _q(self._shadow_schema(name))
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -325,6 +385,7 @@ class PostgresReadModel(ReadModel):
             )
 
     async def drop_shadow(self, name: str) -> None:
+        self._known.discard(shadow_name(name))
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(f"DROP SCHEMA IF EXISTS {_q(self._shadow_schema(name))} CASCADE")
             await conn.execute(f"DELETE FROM {self.cp_table} WHERE name = $1", shadow_name(name))
@@ -333,6 +394,7 @@ class PostgresReadModel(ReadModel):
             )
 
     async def swap(self, name: str, position: int) -> bool:
+        self._known.discard(shadow_name(name))
         shadow = self._shadow_schema(name)
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(
