@@ -196,11 +196,12 @@ class SQLiteReadModel(ReadModel):
 
     def __init__(self, url: ParsedURL) -> None:
         super().__init__(url)
-        if not url.path or url.path in ("/", "/:memory:"):
+        path = (url.host or "") + url.path  # sqlite://rel/views.db is relative
+        if not path or path in ("/", "/:memory:", ":memory:"):
             raise ConfigError(
                 f"{url.masked()}: a SQLite read model needs a file, e.g. sqlite:///views.db"
             )
-        self.path = url.path
+        self.path = path
         self.busy = url.get_float("busy_timeout", 10.0)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
