@@ -202,7 +202,7 @@ async def engine(
         await catch_up(store, rm_url, Stock(), 500, min(n, 5000))  # warm-up, not reported
         variants: list[tuple[str, Projection, int, int | None]] = [
             ("runner, batch 500, tx.write", Stock(), 500, None),
-            ("runner, batch 500, tx.execute", StockExecute(), 500, None),
+            ("runner, batch 500, tx.execute", StockExecute(), 500, min(n, 20_000)),
             ("runner, batch 1 (one tx per event)", Stock(), 1, min(n, 5000)),
         ]
         for name, proj, batch, limit in variants:
