@@ -60,3 +60,30 @@ async def test_views_are_plain_prefixed_keys_and_rebuild_replaces_them(redis_url
                     await task
     finally:
         await raw.aclose()
+
+
+async def test_runner_survives_a_read_model_outage(servers: Any) -> None:
+    from stanchion.testing.conformance.cqrs import Totals, read_totals
+
+    server = servers.redis(appendonly=True)
+    url = f"{server.url}?prefix=outage:"
+    log = ListEventLog()
+    for _ in range(100):
+        log.append("ItemAdded", {"sku": "a", "qty": 1})
+    async with await ReadModel.connect(url) as rm:
+        runner = ProjectionRunner(log, Totals(), rm, retry_interval=0.05)
+        task = asyncio.ensure_future(runner.run())
+        try:
+            await runner.wait_for(100, timeout=10)
+            server.kill()  # SIGKILL the Redis server under the runner
+            for _ in range(100):
+                log.append("ItemAdded", {"sku": "a", "qty": 1})
+            await asyncio.sleep(0.5)
+            assert not task.done()  # still alive, retrying
+            server.restart()
+            await runner.wait_for(200, timeout=30)
+            assert await read_totals(rm) == {"a": 200}  # nothing lost, nothing doubled
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -21,8 +21,8 @@ URL options: ``schema`` (default ``public``), ``pool_size`` (default 10).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from stanchion.cqrs._backend import (
     Capabilities,
@@ -65,6 +65,37 @@ def _count(status: str) -> int:
         return -1
 
 
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(
+    fn: Callable[Concatenate[_Tx, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[_Tx, P], Coroutine[Any, Any, R]]:
+    """Report a lost connection as BackendUnavailable (not as the handler's fault)."""
+
+    async def wrapper(self: _Tx, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except _TRANSIENT as exc:
+            raise BackendUnavailable(
+                f"PostgreSQL read model: {type(exc).__name__}: {exc}", url=self._model.url
+            ) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 class _Tx(SQLTransaction):
     def __init__(
         self,
@@ -83,6 +114,7 @@ class _Tx(SQLTransaction):
         self._pending_sql: str | None = None
         self._pending: list[tuple[Any, ...]] = []
 
+    @_mapped
     async def flush(self) -> None:
         if self._pending:
             sql, rows = self._pending_sql, self._pending
@@ -93,6 +125,7 @@ class _Tx(SQLTransaction):
             else:
                 await self._conn.executemany(sql, rows)
 
+    @_mapped
     async def write(self, sql: str, *args: Any) -> None:
         if not args:
             await self.flush()
@@ -104,34 +137,41 @@ class _Tx(SQLTransaction):
             self._pending_sql = sql
         self._pending.append(args)
 
+    @_mapped
     async def execute(self, sql: str, *args: Any) -> int:
         await self.flush()
         if args:
             return _count(await self._conn.execute(qmark_to_dollar(sql), *args))
         return _count(await self._conn.execute(sql))
 
+    @_mapped
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self.flush()
         await self._conn.executemany(qmark_to_dollar(sql), rows)
 
+    @_mapped
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
         await self.flush()
         return list(await self._conn.fetch(qmark_to_dollar(sql), *args))
 
+    @_mapped
     async def fetchone(self, sql: str, *args: Any) -> Any:
         await self.flush()
         return await self._conn.fetchrow(qmark_to_dollar(sql), *args)
 
+    @_mapped
     async def fetchval(self, sql: str, *args: Any) -> Any:
         await self.flush()
         return await self._conn.fetchval(qmark_to_dollar(sql), *args)
 
+    @_mapped
     async def checkpoint_position(self) -> int:
         value = await self._conn.fetchval(
             f"SELECT position FROM {self._model.cp_table} WHERE name = $1", self._key
         )
         return NO_POSITION if value is None else int(value)
 
+    @_mapped
     async def park(self, event: Any, error: str) -> None:
         self._pending_sql, self._pending = None, []
         await self._conn.execute(
@@ -145,6 +185,7 @@ class _Tx(SQLTransaction):
             now(),
         )
 
+    @_mapped
     async def commit(self, expected: int, position: int, token: int | None) -> None:
         await self.flush()
         # One round trip: the compare-and-set raises inside the transaction
@@ -333,13 +374,15 @@ class PostgresReadModel(ReadModel):
             await conn.execute(
                 f"BEGIN; {path}SELECT 1 FROM {self.cp_table} WHERE name = '{key}' FOR UPDATE"
             )
-        except BaseException:
+        except BaseException as exc:
             try:
                 if not conn.is_closed() and conn.is_in_transaction():
                     await asyncio.shield(conn.execute("ROLLBACK"))
             except BaseException:
                 conn.terminate()
             await asyncio.shield(release(conn))
+            if isinstance(exc, _TRANSIENT):
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
             raise
         return _Tx(self, conn, release, name, shadow)
 

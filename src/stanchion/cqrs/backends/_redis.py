@@ -22,8 +22,8 @@ checkpoint, so queries see the old view until EXEC and the new one after.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from stanchion.cqrs._backend import (
     Capabilities,
@@ -49,6 +49,26 @@ except ImportError as exc:  # pragma: no cover - the registry names the extra
 __all__ = ["RedisReadModel", "RedisTransaction"]
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(
+    fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """Report a lost connection as BackendUnavailable."""
+
+    async def wrapper(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"Redis read model: {exc}", url=str(self.url)) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 class RedisTransaction(Transaction):
     """Write commands queued for one MULTI/EXEC with the checkpoint.
 
@@ -59,6 +79,7 @@ class RedisTransaction(Transaction):
     def __init__(self, model: RedisReadModel, name: str, shadow: bool) -> None:
         super().__init__(name, shadow)
         self._model = model
+        self.url = model.url
         key = shadow_name(name) if shadow else name
         self._cp = model._cp_key(key)
         self._parked = model._parked_key(key)
@@ -155,20 +176,24 @@ class RedisTransaction(Transaction):
 
     # -- reads (committed data) ------------------------------------------------
 
+    @_mapped
     async def get(self, key: str) -> Any:
         """``GET`` of committed data (not this transaction's pending writes)."""
         return await self._model._client().get(self.key(key))
 
+    @_mapped
     async def hget(self, key: str, field: str) -> Any:
         """``HGET`` of committed data."""
         return await self._model._client().hget(self.key(key), field)
 
+    @_mapped
     async def hgetall(self, key: str) -> dict[str, str]:
         """``HGETALL`` of committed data."""
         return dict(await self._model._client().hgetall(self.key(key)))
 
     # -- transaction -----------------------------------------------------------
 
+    @_mapped
     async def checkpoint_position(self) -> int:
         value = await self._model._client().hget(self._cp, "position")
         return NO_POSITION if value is None else int(value)
@@ -289,6 +314,7 @@ class RedisReadModel(ReadModel):
 
     # -- runner side -----------------------------------------------------------
 
+    @_mapped
     async def begin(self, name: str, *, shadow: bool = False) -> RedisTransaction:
         validate_name(name)
         client = self._client()
@@ -304,6 +330,7 @@ class RedisReadModel(ReadModel):
             raise BackendUnavailable(f"Redis read model: {exc}", url=self.url) from exc
         return RedisTransaction(self, name, shadow)
 
+    @_mapped
     async def checkpoint(self, name: str, *, shadow: bool = False) -> Checkpoint:
         client = self._client()
         key = shadow_name(name) if shadow else name
@@ -321,10 +348,12 @@ class RedisReadModel(ReadModel):
             int(parked),
         )
 
+    @_mapped
     async def checkpoints(self) -> list[Checkpoint]:
         names = sorted(await self._client().smembers(self._index_key()))
         return [await self.checkpoint(n) for n in names]
 
+    @_mapped
     async def parked(self, name: str) -> list[ParkedEvent]:
         raw = await self._client().hgetall(self._parked_key(name))
         entries = [json.loads(v) for v in raw.values()]
@@ -336,6 +365,7 @@ class RedisReadModel(ReadModel):
             for e in entries
         ]
 
+    @_mapped
     async def reset_shadow(self, name: str) -> None:
         validate_name(name)
         client = self._client()
@@ -344,11 +374,13 @@ class RedisReadModel(ReadModel):
         await self.drop_shadow(name)
         await client.hset(self._cp_key(shadow_name(name)), mapping={"position": NO_POSITION})
 
+    @_mapped
     async def drop_shadow(self, name: str) -> None:
         client = self._client()
         await self._unlink_registry(self._registry_key(shadow_name(name)))
         await client.delete(self._cp_key(shadow_name(name)), self._parked_key(shadow_name(name)))
 
+    @_mapped
     async def swap(self, name: str, position: int) -> bool:
         client = self._client()
         shadow_cp = self._cp_key(shadow_name(name))
@@ -397,26 +429,32 @@ class RedisReadModel(ReadModel):
 
     # -- query side ------------------------------------------------------------
 
+    @_mapped
     async def read(self, command: str, key: str, *args: Any) -> Any:
         """Run a read command on view key ``key`` (stored as ``<prefix><key>``)."""
         return await self._client().execute_command(command, f"{self.prefix}{key}", *args)
 
+    @_mapped
     async def get(self, key: str) -> Any:
         """``GET`` a view key."""
         return await self._client().get(f"{self.prefix}{key}")
 
+    @_mapped
     async def hget(self, key: str, field: str) -> Any:
         """``HGET`` a field of a view hash."""
         return await self._client().hget(f"{self.prefix}{key}", field)
 
+    @_mapped
     async def hgetall(self, key: str) -> dict[str, str]:
         """``HGETALL`` of a view hash, as a dict."""
         return dict(await self._client().hgetall(f"{self.prefix}{key}"))
 
+    @_mapped
     async def smembers(self, key: str) -> set[str]:
         """``SMEMBERS`` of a view set."""
         return set(await self._client().smembers(f"{self.prefix}{key}"))
 
+    @_mapped
     async def zrange(self, key: str, start: int = 0, stop: int = -1) -> list[str]:
         """``ZRANGE key start stop`` of a view sorted set (members by score)."""
         return list(await self._client().zrange(f"{self.prefix}{key}", start, stop))

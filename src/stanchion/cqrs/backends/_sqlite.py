@@ -128,7 +128,12 @@ class _Tx(SQLTransaction):
         self._lock = None
 
     async def execute(self, sql: str, *args: Any) -> int:
-        return self._conn.execute(sql, args).rowcount
+        try:
+            return self._conn.execute(sql, args).rowcount
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise BackendUnavailable(f"SQLite read model: {exc}") from exc
+            raise
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._conn.executemany(sql, rows)
