@@ -273,6 +273,7 @@ async def main() -> None:
             await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             await admin.close()
     print()
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (2 cores)\n")
     print("Catch-up (events/s, higher is better):\n")
     print(table(["engine", "how", "events", "events/s"], rows))
     print("\nLive lag, append returned -> view committed (ms):\n")

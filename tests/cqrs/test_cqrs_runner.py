@@ -247,3 +247,33 @@ async def test_read_model_urls(tmp_path: Path) -> None:
         await ReadModel.connect("mongodb://localhost/x")
     with pytest.raises(ConfigError, match="needs a file"):
         await ReadModel.connect("sqlite://")
+
+
+async def test_event_types_applied_by_aggregates_are_known(sqlite_url: str) -> None:
+    import msgspec
+
+    from stanchion.eventsourcing import Aggregate, applies
+
+    class CouponIssued(msgspec.Struct, frozen=True):
+        code: str
+
+    class Coupon(Aggregate):
+        @applies(CouponIssued)
+        def _issued(self, e: CouponIssued) -> None:
+            pass
+
+    log = ListEventLog()
+    log.append("ItemAdded", {"sku": "a", "qty": 1})
+    log.append("CouponIssued", {"code": "x"})  # no projection handles it, an aggregate does
+    log.append("ItemAdded", {"sku": "a", "qty": 1})
+    async with await ReadModel.connect(sqlite_url) as rm:
+        runner = ProjectionRunner(log, Totals(), rm)
+        task = asyncio.ensure_future(runner.run())
+        try:
+            await runner.wait_for(3, timeout=5)
+            assert await read_totals(rm) == {"a": 2}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert Coupon  # keep the class alive until here

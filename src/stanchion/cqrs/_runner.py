@@ -288,6 +288,8 @@ class ProjectionRunner:
                     await self._lead(lease)
             except (_LeadershipGone, StaleFencingToken) as exc:
                 self.log.warning("cqrs.projection.leadership_lost", reason=str(exc))
+            except BackendUnavailable as exc:  # the election backend is down: campaign again
+                self.log.warning("cqrs.projection.election_unavailable", error=str(exc))
             except Exception as exc:
                 from stanchion.errors import LeadershipLost
 
@@ -337,6 +339,7 @@ class ProjectionRunner:
 
     async def _project(self, token: int | None, lease: Any) -> None:
         rm = await self.read_model()
+        self._lease = lease
         if self.elector is None:
             self._set_leader(True, None)
         backoff = self.retry_interval
@@ -414,6 +417,9 @@ class ProjectionRunner:
             except Exception as exc:
                 raise _HandlerFailed(events[-1], exc) from exc
             tx.event = None
+            lease = self._lease
+            if not shadow and lease is not None and not lease.is_valid():
+                raise _LeadershipGone("lease expired during the batch")
             await tx.commit(expected, events[-1].position, token)
         except _HandlerFailed as failed:
             await tx.rollback()
@@ -513,6 +519,7 @@ class ProjectionRunner:
     # -- progress, lag, read-your-writes --------------------------------------
 
     _shadow_cp: int = NO_POSITION
+    _lease: Any = None
 
     def _advance(self, position: int, *, force: bool = False) -> None:
         if position > self._checkpoint or force:

@@ -15,7 +15,10 @@ shadow tables into the main schema (``ALTER TABLE … SET SCHEMA``) in one
 transaction; PostgreSQL DDL is transactional, so queries see the old view
 until the commit and the new one after it.
 
-URL options: ``schema`` (default ``public``), ``pool_size`` (default 10).
+URL options: ``schema`` (default ``public``), ``pool_size`` (default 10),
+``synchronous_commit`` for the projection transactions (default ``off``: view
+and checkpoint commit together, so a commit lost in a server crash is
+projected again, never half-applied; set ``on`` to wait for the WAL flush).
 """
 
 from __future__ import annotations
@@ -251,6 +254,15 @@ class PostgresReadModel(ReadModel):
         self.schema = url.query.get("schema", "public")
         validate_name(self.schema, "schema name")
         self.pool_size = url.get_int("pool_size", 10)
+        # A projection commits its view change and checkpoint together, so a
+        # commit lost in a server crash is simply projected again: waiting
+        # for the WAL flush on every commit buys nothing but latency.
+        self.synchronous_commit = url.query.get("synchronous_commit", "off")
+        if self.synchronous_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
+            raise ConfigError(
+                f"{url.masked()}: synchronous_commit must be on, off, local, "
+                "remote_write or remote_apply"
+            )
         if self.pool_size < 2:
             raise ConfigError(f"{url.masked()}: pool_size must be >= 2")
         self.dsn = url.without_query().replace("postgresql+asyncpg://", "postgresql://")
@@ -323,7 +335,12 @@ class PostgresReadModel(ReadModel):
         if conn is None or conn.is_closed():
             try:
                 conn = await asyncpg.connect(
-                    self.dsn, server_settings={"search_path": self.schema}, timeout=10
+                    self.dsn,
+                    server_settings={
+                        "search_path": self.schema,
+                        "synchronous_commit": self.synchronous_commit,
+                    },
+                    timeout=10,
                 )
             except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
                 raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
