@@ -49,6 +49,7 @@ async def test_dashboard_panels_live_and_kill_leader(tmp_path: Path) -> None:
             await page.wait_for_timeout(2500)
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-top.png"))
             # kill the leader from the dashboard: a new leader with a higher token shows up
             first = int(await page.locator("#leader-token").inner_text())
             first_id = await page.locator("#leader-id").inner_text()

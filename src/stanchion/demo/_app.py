@@ -115,6 +115,7 @@ class Demo:
         self._tasks: list[asyncio.Task[Any]] = []
         self._load_task: asyncio.Task[None] | None = None
         self._load_stop = asyncio.Event()
+        self._ready = asyncio.Event()
         self._snapshot: dict[str, Any] = {}
         self._snapshot_changed = asyncio.Condition()
         self._store: Any = None
@@ -155,6 +156,7 @@ class Demo:
                 f"port {self.options.port} is in use (another stanchion demo?); "
                 "pick another with --port"
             )
+        await self._serve_dashboard()  # hold the port from the start
         for sub in ("logs", "run", "sidecar"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         ports = {
@@ -193,7 +195,7 @@ class Demo:
         await self._wait_http(f"http://127.0.0.1:{cfg.gateway_port}/health", "gateway")
         await self._wait_http(f"http://127.0.0.1:{cfg.ambassador_admin_port}/ready", "ambassador")
         await self._wait_http(f"{cfg.orders_url}/health", "orders", limit=60)
-        await self._serve_dashboard()
+        self._ready.set()
         self._tasks.append(asyncio.create_task(self._status_loop()))
         if self.options.load and self.options.rate > 0:
             self._load_task = asyncio.create_task(self._load_loop())
@@ -880,9 +882,12 @@ batch_timeout = 0.2
         return web.FileResponse(STATIC / "dashboard.html")
 
     async def _h_status(self, request: web.Request) -> web.Response:
+        if not self._ready.is_set():
+            return web.json_response({"state": "starting"}, status=503)
         return web.json_response(await self.status())
 
     async def _h_events(self, request: web.Request) -> web.StreamResponse:
+        await self._ready.wait()
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -894,6 +899,8 @@ batch_timeout = 0.2
         return resp
 
     async def _h_post_order(self, request: web.Request) -> web.Response:
+        if not self._ready.is_set():
+            return web.json_response({"error": "the shop is starting"}, status=503)
         try:
             body = await request.json()
         except ValueError:
@@ -905,6 +912,8 @@ batch_timeout = 0.2
         return web.json_response(answer, status=status)
 
     async def _h_get_order(self, request: web.Request) -> web.Response:
+        if not self._ready.is_set():
+            return web.json_response({"error": "the shop is starting"}, status=503)
         try:
             status, answer = await self.get_order(
                 request.match_info["order_id"], request.query.get("after")
@@ -914,6 +923,8 @@ batch_timeout = 0.2
         return web.json_response(answer, status=status)
 
     async def _h_chaos(self, request: web.Request) -> web.Response:
+        if not self._ready.is_set():
+            return web.json_response({"error": "the shop is starting"}, status=503)
         body: dict[str, Any] = {}
         if request.can_read_body:
             with contextlib.suppress(ValueError):
