@@ -7,12 +7,15 @@ Errors carry their data as attributes and their message says what to do next::
 
     StanchionError
     ├── ConfigError (ValueError)        bad URL, option, config file, missing extra
+    │   ├── UnknownShard                sharding: no such shard / key has no shard
+    │   └── ShardKeyRequired            sharding: SQL on a sharded table lacks its key
     ├── BackendError                    the engine behind a backend misbehaved
     │   ├── BackendUnavailable          cannot reach it (connect, timeout, down)
     │   └── ConflictError               a concurrent writer won
     │       ├── WrongExpectedVersion    eventsourcing: stream version mismatch
     │       ├── DuplicateEventId        eventsourcing: event id already used elsewhere
-    │       └── StaleFencingToken       election: a write from a deposed leader
+    │       ├── StaleFencingToken       election: a write from a deposed leader
+    │       └── ShardMapChanged         sharding: the map changed under a transaction
     ├── CircuitOpenError                resilience: the breaker rejected the call
     ├── RetryExhausted                  resilience: every attempt failed
     ├── CallTimeout (TimeoutError)      resilience: the call did not finish in time
@@ -26,7 +29,8 @@ Errors carry their data as attributes and their message says what to do next::
     ├── ReshardError                    sharding: a reshard cannot proceed
     ├── HandlerNotFound                 cqrs: no handler for a message type
     ├── HandlerAlreadyRegistered        cqrs: a second handler for a message type
-    └── ProjectionError                 cqrs: a projection handler failed
+    ├── ProjectionError                 cqrs: a projection handler failed
+    └── InvalidMessage (ValueError)     cqrs: a command or query failed validation
 
 .. versionadded:: 0.1
 """
@@ -48,16 +52,20 @@ __all__ = [
     "DuplicateEventId",
     "HandlerAlreadyRegistered",
     "HandlerNotFound",
+    "InvalidMessage",
     "LeadershipLost",
     "ProjectionError",
     "PublishError",
     "RateLimited",
     "ReshardError",
     "RetryExhausted",
+    "ShardKeyRequired",
+    "ShardMapChanged",
     "ShardUnavailable",
     "StaleFencingToken",
     "StanchionError",
     "StreamDeleted",
+    "UnknownShard",
     "WrongExpectedVersion",
 ]
 
@@ -344,6 +352,55 @@ class ReshardError(StanchionError):
     """A resharding operation cannot start, continue or be aborted."""
 
 
+class UnknownShard(ConfigError):
+    """A shard name is not in the strategy or map, or a key has no shard.
+
+    Attributes:
+        shard: the unknown shard name (``None`` when a key has no shard).
+        known: the shard names that exist.
+    """
+
+    def __init__(
+        self, shard: str | None, known: tuple[str, ...] = (), message: str | None = None
+    ) -> None:
+        super().__init__(
+            message or f"unknown shard {shard!r}; known shards: {', '.join(known) or 'none'}"
+        )
+        self.shard = shard
+        self.known = known
+
+
+class ShardKeyRequired(ConfigError):
+    """A statement on a sharded table does not mention the table's shard key.
+
+    Attributes:
+        table: the sharded table.
+        column: its shard key column.
+    """
+
+    def __init__(self, table: str, column: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"statement on sharded table {table!r} must use its shard key column "
+            f"{column!r} (in the WHERE clause, or the INSERT column list); "
+            "use fetch_all() to query every shard"
+        )
+        self.table = table
+        self.column = column
+
+
+class ShardMapChanged(ConflictError):
+    """The shard map changed (a reshard cut over) during a transaction; retry it.
+
+    Attributes:
+        version: the shard-map version now in force, when known.
+    """
+
+    def __init__(self, message: str, *, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 # -- cqrs --------------------------------------------------------------------
 
 
@@ -380,13 +437,44 @@ class ProjectionError(StanchionError):
         projection: the projection name.
         event_id: the id of the failing event.
         position: its global position.
+        event_type: its type name, when known.
+        checkpoint: the projection's checkpoint after the failure (the
+            position of the event before the failing one), when known.
     """
 
-    def __init__(self, projection: str, event_id: object, position: int, cause: str) -> None:
+    def __init__(
+        self,
+        projection: str,
+        event_id: object,
+        position: int,
+        cause: str,
+        *,
+        event_type: str | None = None,
+        checkpoint: int | None = None,
+    ) -> None:
+        kind = f" ({event_type})" if event_type else ""
+        stays = "the event before it" if checkpoint is None else f"position {checkpoint}"
         super().__init__(
-            f"projection {projection!r} failed on event {event_id} at position {position}: "
-            f"{cause}; fix the handler (or park the event) and run again"
+            f"projection {projection!r} failed on event {event_id}{kind} at position {position}: "
+            f"{cause}; the checkpoint stays at {stays}; "
+            "fix the handler (or park the event) and run again"
         )
         self.projection = projection
         self.event_id = event_id
         self.position = position
+        self.event_type = event_type
+        self.checkpoint = checkpoint
+
+
+class InvalidMessage(StanchionError, ValueError):
+    """A command or query failed validation before reaching its handler.
+
+    Attributes:
+        message_type: the message's type.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, message_type: type[Any], reason: str) -> None:
+        super().__init__(f"invalid {message_type.__qualname__}: {reason}")
+        self.message_type = message_type
+        self.reason = reason

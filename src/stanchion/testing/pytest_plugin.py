@@ -210,7 +210,7 @@ class ServerFactory:
     def close(self) -> None:
         """Kill every server started through this factory."""
         for server in reversed(self._started):
-            server.kill()
+            server.remove()
         self._started.clear()
 
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -89,6 +90,7 @@ class ServerProcess:
         self._user = user
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"{name}.log"
+        self.owned_dir: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -149,6 +151,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
         self.proc = None
+
+    def remove(self) -> None:
+        """Kill the process and delete a data directory it owns outside ``data_dir``."""
+        self.kill()
+        if self.owned_dir is not None:
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
+            self.owned_dir = None
 
     def pause(self) -> None:
         """SIGSTOP the process (a stall)."""
@@ -229,7 +238,9 @@ def mosquitto_server(data_dir: Path, *, port: int | None = None) -> ServerProces
         "persistence true\n"
         f"persistence_location {data_dir}/\n"
         "autosave_interval 1\n"
-        "max_queued_messages 100000\n"
+        "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
+        # As root, mosquitto drops to user "mosquitto", which cannot write its
+        # persistence file into our (root-owned) data directory.
     )
     argv = [_need("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)]
     return ServerProcess(
@@ -260,42 +271,46 @@ def etcd_server(data_dir: Path, *, port: int | None = None) -> ServerProcess:
 def postgres_server(data_dir: Path, *, port: int | None = None) -> ServerProcess:
     """Initialise and start a throwaway PostgreSQL cluster (trust auth, user postgres).
 
-    When run as root the cluster runs as the ``postgres`` OS user.
+    When run as root the cluster runs as the ``postgres`` OS user, in a
+    directory of its own under the system temporary directory (pytest keeps
+    its own temporary tree private to root); ``data_dir`` then only names the
+    cluster and :attr:`ServerProcess.owned_dir` is that directory, which
+    :meth:`ServerProcess.remove` deletes.
     """
     port = port or free_port()
     initdb = _need("initdb", "/usr/lib/postgresql/*/bin/initdb")
     postgres = _need("postgres", "/usr/lib/postgresql/*/bin/postgres")
     user = "postgres" if os.geteuid() == 0 else None
-    pgdata = data_dir / "pgdata"
     data_dir.mkdir(parents=True, exist_ok=True)
+    owned: Path | None = None
     if user is not None:
-        shutil.chown(data_dir, user)
-        data_dir.chmod(0o755)
-        parent = data_dir.parent
-        while parent != parent.parent:
-            parent.chmod(parent.stat().st_mode | 0o011)
-            parent = parent.parent
+        owned = Path(tempfile.mkdtemp(prefix="stanchion-pg-"))
+        owned.chmod(0o755)
+        shutil.chown(owned, user)
+        home = owned
+    else:
+        home = data_dir
+    pgdata = home / "pgdata"
     if not (pgdata / "PG_VERSION").exists():
-        subprocess.run(
+        done = subprocess.run(
             [initdb, "-D", str(pgdata), "-U", "postgres", "-A", "trust", "--no-sync"],
-            check=True,
             capture_output=True,
+            text=True,
             user=user,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr[-2000:]}")
     argv = [
-        postgres, "-D", str(pgdata), "-p", str(port), "-k", str(data_dir),
+        postgres, "-D", str(pgdata), "-p", str(port), "-k", str(home),
         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
     ]  # fmt: skip
     server = ServerProcess(
         "postgres",
         argv,
         port=port,
-        data_dir=data_dir,
+        data_dir=home,
         url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
         user=user,
     )
-    if user is not None:
-        server.log_path = data_dir / "postgres.log"
-        server.log_path.touch()
-        shutil.chown(server.log_path, user)
+    server.owned_dir = owned
     return server.start(timeout=30.0)

@@ -1,0 +1,1 @@
+"""Read-model backends: one thin adapter per engine (SQLite, PostgreSQL, Redis)."""

@@ -1,0 +1,1 @@
+"""Election backends: one thin adapter per engine (loaded lazily by URL scheme)."""

@@ -1,0 +1,1 @@
+"""Event store engines: ``_memory``, ``_sqlite``, ``_postgres`` (thin adapters)."""

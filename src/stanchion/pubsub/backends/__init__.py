@@ -1,0 +1,1 @@
+"""Thin adapters, one per engine, implementing :mod:`stanchion.pubsub._backend`."""

@@ -1,0 +1,1 @@
+"""Log stores of the collector: one thin adapter per engine."""
