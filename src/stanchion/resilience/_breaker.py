@@ -278,9 +278,12 @@ class CircuitBreaker:
         half_open_calls: int = 10,
         max_wait_half_open: float = 0.0,
         record: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
         | type[BaseException]
         | Callable[[BaseException], bool] = (Exception,),
-        ignore: tuple[type[BaseException], ...] | type[BaseException] = (),
+        ignore: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
+        | type[BaseException] = (),
         record_result: Callable[[Any], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         store: str | None = None,
@@ -307,6 +310,8 @@ class CircuitBreaker:
         self._record_pred: Callable[[BaseException], bool] | None = None
         if isinstance(record, type):
             record = (record,)
+        elif isinstance(record, list):
+            record = tuple(record)
         if isinstance(record, tuple):
             self._record_types: tuple[type[BaseException], ...] = record
         elif callable(record):
@@ -410,8 +415,11 @@ class CircuitBreaker:
             self._drain()
         sh = self._shared
         if sh is not None and not sh.fallback and sh.last_metrics is not None:
-            # connected: the shared window is the one that decides
-            return dataclasses.replace(sh.last_metrics, state=snap.state)
+            # connected: the shared window is the one that decides (rejections
+            # are counted by each replica)
+            return dataclasses.replace(
+                sh.last_metrics, state=snap.state, not_permitted_calls=snap.not_permitted_calls
+            )
         return snap
 
     @property
