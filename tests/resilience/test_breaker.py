@@ -338,6 +338,14 @@ def test_listeners_and_events() -> None:
     assert [(c.old, c.new) for c in changes] == [(State.CLOSED, State.OPEN)]
     assert pairs == [(State.CLOSED, State.OPEN)]
     assert changes[0].name == "db"
+    assert (changes[0].from_state, changes[0].to_state) == (State.CLOSED, State.OPEN)
+    seen: list[object] = []
+    b.on("rejection", seen.append)
+    with pytest.raises(CircuitOpenError):
+        b.call(ok)
+    assert len(seen) == 1
+    with pytest.raises(ConfigError):
+        b.on("nonsense", seen.append)
 
 
 def test_listener_errors_do_not_break_calls() -> None:

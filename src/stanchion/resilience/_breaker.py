@@ -74,6 +74,16 @@ class StateChanged:
     new: State
     at: float
 
+    @property
+    def from_state(self) -> State:
+        """Alias of ``old``."""
+        return self.old
+
+    @property
+    def to_state(self) -> State:
+        """Alias of ``new``."""
+        return self.new
+
 
 @dataclass(frozen=True, slots=True)
 class CallSucceeded:
@@ -124,6 +134,14 @@ BreakerEvent = StateChanged | CallSucceeded | CallFailed | ErrorIgnored | SlowCa
 """Any event a breaker emits to its listeners."""
 
 _KINDS = ("state_change", "success", "error", "ignored_error", "slow_call", "rejected", "any")
+_ALIASES = {
+    "rejection": "rejected",
+    "reject": "rejected",
+    "ignored": "ignored_error",
+    "slow": "slow_call",
+    "failure": "error",
+    "state": "state_change",
+}
 
 
 # -- Prometheus: figures are read at scrape time, nothing is paid per call ------
@@ -278,9 +296,12 @@ class CircuitBreaker:
         half_open_calls: int = 10,
         max_wait_half_open: float = 0.0,
         record: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
         | type[BaseException]
         | Callable[[BaseException], bool] = (Exception,),
-        ignore: tuple[type[BaseException], ...] | type[BaseException] = (),
+        ignore: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
+        | type[BaseException] = (),
         record_result: Callable[[Any], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         store: str | None = None,
@@ -307,6 +328,8 @@ class CircuitBreaker:
         self._record_pred: Callable[[BaseException], bool] | None = None
         if isinstance(record, type):
             record = (record,)
+        elif isinstance(record, list):
+            record = tuple(record)
         if isinstance(record, tuple):
             self._record_types: tuple[type[BaseException], ...] = record
         elif callable(record):
@@ -410,8 +433,11 @@ class CircuitBreaker:
             self._drain()
         sh = self._shared
         if sh is not None and not sh.fallback and sh.last_metrics is not None:
-            # connected: the shared window is the one that decides
-            return dataclasses.replace(sh.last_metrics, state=snap.state)
+            # connected: the shared window is the one that decides (rejections
+            # are counted by each replica)
+            return dataclasses.replace(
+                sh.last_metrics, state=snap.state, not_permitted_calls=snap.not_permitted_calls
+            )
         return snap
 
     @property
@@ -484,6 +510,19 @@ class CircuitBreaker:
     def on_event(self, cb: Callable[[BreakerEvent], object]) -> Callable[..., object]:
         """Call ``cb(event)`` for every event of any kind."""
         return self._add("any", cb)
+
+    def on(self, event: str, cb: Callable[..., object]) -> Callable[..., object]:
+        """Register ``cb`` for ``event`` by name.
+
+        Names: ``state_change``, ``success``, ``error``, ``ignored_error``,
+        ``slow_call``, ``rejected`` (or ``rejection``), ``any``.
+        """
+        kind = _ALIASES.get(event, event)
+        if kind == "state_change":
+            return self.on_state_change(cb)
+        if kind not in _KINDS:
+            raise ConfigError(f"unknown breaker event {event!r}; one of {', '.join(_KINDS)}")
+        return self._add(kind, cb)
 
     def _add(self, kind: str, cb: Callable[[Any], object]) -> Callable[..., object]:
         self._listeners[kind].append(cb)

@@ -200,6 +200,7 @@ class Retry:
         *,
         backoff: Exponential | Fixed | None = None,
         retry_on: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
         | type[BaseException]
         | Callable[[BaseException], bool] = (Exception,),
         retry_on_result: Callable[[Any], bool] | None = None,
@@ -227,6 +228,8 @@ class Retry:
         self._pred: Callable[[BaseException], bool] | None = None
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
+        elif isinstance(retry_on, list):
+            retry_on = tuple(retry_on)
         if isinstance(retry_on, tuple):
             self._types: tuple[type[BaseException], ...] = retry_on
         elif callable(retry_on):
