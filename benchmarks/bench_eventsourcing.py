@@ -554,4 +554,9 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    try:
+        import uvloop  # stanchion's CLI runs on uvloop; measure the same runtime
+
+        raise SystemExit(uvloop.run(main()))
+    except ImportError:
+        raise SystemExit(asyncio.run(main())) from None

@@ -220,6 +220,17 @@ class PostgresBackend:
             " ORDER BY version {dir} LIMIT $3) e ON NOT d.deleted"
         )
         self._q_fwd = tomb.format(op=">=", dir="ASC")
+        # Aggregate loads: the snapshot (state sent once, with the first row) and the
+        # first page of events after it, with the tombstone flag, in one round trip.
+        self._q_agg = (
+            f"WITH snap AS (SELECT version, state FROM {p}es_snapshots WHERE stream = $1),"
+            f" d AS (SELECT coalesce((SELECT deleted FROM {p}es_streams WHERE name = $1), false)"
+            " AS deleted, (SELECT version FROM snap) AS sv, (SELECT state FROM snap) AS st)"
+            " SELECT e.*, d.deleted, d.sv,"
+            " CASE WHEN e.version IS NULL OR e.version = coalesce(d.sv, -1) + 1 THEN d.st END"
+            f" FROM d LEFT JOIN LATERAL (SELECT {_COLS} FROM {p}es_events WHERE stream = $1"
+            " AND version > coalesce(d.sv, -1) ORDER BY version LIMIT $2) e ON NOT d.deleted"
+        )
         self._q_back = tomb.format(op="<=", dir="DESC")
         self._q_state = f"SELECT version, deleted FROM {p}es_streams WHERE name = $1"
         self._q_sub = (
@@ -409,6 +420,18 @@ class PostgresBackend:
         if found[0][9]:
             raise StreamDeleted(stream)
         return _rows(found) if found[0][0] is not None else []
+
+    async def load_with_snapshot(
+        self, stream: str, limit: int
+    ) -> tuple[tuple[int, bytes] | None, list[Row]]:
+        """The newest snapshot and up to ``limit`` events after it (or from 0)."""
+        with _mapped(self._url):
+            found = await self._pool.fetch(self._q_agg, stream, limit)
+        first = found[0]
+        if first[9]:
+            raise StreamDeleted(stream)
+        stored = None if first[10] is None else (int(first[10]), bytes(first[11]))
+        return stored, (_rows(found) if first[0] is not None else [])
 
     async def read_all(
         self, from_position: int, limit: int, types: Sequence[str] | None
