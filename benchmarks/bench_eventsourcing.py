@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS events (
   id BLOB NOT NULL UNIQUE, type TEXT NOT NULL, data BLOB NOT NULL, raw INTEGER NOT NULL,
   metadata BLOB, recorded_at REAL NOT NULL, UNIQUE (stream, version))
 """
+TOPIC = "bench:Deposited"
+RAW_READ_SQLITE = (
+    "SELECT stream, version, position, id, type, data, raw, metadata, recorded_at"
+    " FROM events WHERE position >= ? ORDER BY position LIMIT 2000"
+)
+RAW_READ_PG = (
+    "SELECT stream, version, position, id, type, data, raw, metadata, recorded_at"
+    " FROM events WHERE position >= $1 ORDER BY position LIMIT 2000"
+)
 RAW_PG_INSERT = (
     "INSERT INTO events (stream, version, id, type, data, raw) VALUES ($1, $2, $3, $4, $5, false)"
 )
@@ -160,265 +169,259 @@ def record(results: Results, case: str, system: str, value: float) -> None:
     print(f"  {case:<44} {system:<28} {value:>12,.0f}", flush=True)
 
 
-# -- stanchion -----------------------------------------------------------------
+# -- the systems under test ------------------------------------------------------
+#
+# Each system offers the same operations; the runner interleaves them (round
+# robin, rotating the order every round) so that load spikes on the shared
+# machine hit every system alike and the ratios stay meaningful.
 
 
-async def bench_stanchion(url: str, label: str, n: dict[str, int], results: Results) -> None:
-    async with await EventStore.connect(url) as store:
-        count = n["single"]
-        events = [NewEvent("Deposited", PAYLOAD) for _ in range(count)]
+class Stanchion:
+    def __init__(self, name: str, store: EventStore) -> None:
+        self.name, self.store = name, store
+        self.repos: dict[bool, tuple[Repository[Account], str]] = {}
 
-        async def singles() -> None:
-            for i, e in enumerate(events):
-                await store.append(f"acct-{i}", [e])
+    @classmethod
+    async def open(cls, name: str, url: str) -> Stanchion:
+        return cls(name, await EventStore.connect(url))
 
-        record(results, "(a) single-event appends", label, rate(count, await timed_async(singles)))
+    async def single(self, i: int) -> None:
+        await self.store.append(f"acct-{i}", [NewEvent("Deposited", PAYLOAD)])
 
-        batches = n["batches"]
-        payloads = [[NewEvent("Deposited", PAYLOAD) for _ in range(100)] for _ in range(batches)]
+    async def batch(self, i: int) -> None:
+        await self.store.append(f"batch-{i}", [NewEvent("Deposited", PAYLOAD) for _ in range(100)])
 
-        async def batched() -> None:
-            for i, b in enumerate(payloads):
-                await store.append(f"batch-{i}", b)
+    async def fill(self, count: int) -> int:
+        have, i = await self.store.head_position(), 0
+        while have < count:
+            await self.store.append(
+                f"fill-{i}", [NewEvent("Deposited", PAYLOAD) for _ in range(1000)]
+            )
+            have, i = have + 1000, i + 1
+        return await self.store.head_position()
 
-        record(
-            results, "(b) batches of 100", label, rate(100 * batches, await timed_async(batched))
-        )
+    async def read_all(self) -> int:
+        got = 0
+        async for _ in self.store.read_all():
+            got += 1
+        return got
 
-        await fill_stanchion(store, n["read"])
-
-        async def read() -> None:
-            got = 0
-            async for _ in store.read_all():
-                got += 1
-            assert got >= n["read"], got
-
-        total = await store.head_position()
-        best = min([await timed_async(read) for _ in range(REPEAT)])
-        record(results, "(c) read_all", label, rate(total, best))
-
-        for snap in (None, 1000):
-            repo = Repository(store, Account, snapshot_every=snap)
+    async def prepare(self) -> None:
+        for snap in (False, True):
+            repo = Repository(self.store, Account, snapshot_every=1000 if snap else None)
             acct = Account(f"agg-{snap}")
             for _ in range(1000):
                 acct.deposit(1)
             await repo.save(acct)
-            loads = n["loads"]
+            self.repos[snap] = (repo, acct.id)
 
-            async def load(
-                repo: Repository[Account] = repo, acct: Account = acct, loads: int = loads
-            ) -> None:
-                for _ in range(loads):
-                    got = await repo.load(acct.id)
-                    assert got.balance == 1000
+    async def load(self, snap: bool) -> None:
+        repo, ident = self.repos[snap]
+        assert (await repo.load(ident)).balance == 1000
 
-            case = "(d) load 1,000-event aggregate" + (" +snapshot" if snap else "")
-            best = min([await timed_async(load) for _ in range(REPEAT)])
-            record(results, case + " (loads/s)", label, rate(loads, best))
+    async def close(self) -> None:
+        await self.store.close()
 
 
-async def fill_stanchion(store: EventStore, count: int) -> None:
-    have = await store.head_position()
-    i = 0
-    while have < count:
-        await store.append(f"fill-{i}", [NewEvent("Deposited", PAYLOAD) for _ in range(1000)])
-        have += 1000
-        i += 1
+class EventsourcingLib:
+    """The eventsourcing library: its ApplicationRecorder (its lowest, fastest layer)
+    for appends and reads, its Application and Aggregate for loads."""
 
+    name = "eventsourcing"
 
-# -- eventsourcing library -----------------------------------------------------
+    def __init__(self, recorder: Any, datastore: Any, env: dict[str, str]) -> None:
+        self.recorder, self.datastore, self.env = recorder, datastore, env
+        self.apps: dict[bool, tuple[Application[Any], Any]] = {}
 
+    async def single(self, i: int) -> None:
+        self.recorder.insert_events([StoredEvent(uuid.uuid4(), 1, TOPIC, PAYLOAD_BYTES)])
 
-def bench_es_recorder(recorder: Any, label: str, n: dict[str, int], results: Results) -> None:
-    count = n["single"]
-    singles = [StoredEvent(uuid.uuid4(), 1, "bench:Deposited", PAYLOAD_BYTES) for _ in range(count)]
-
-    def run_singles() -> None:
-        for s in singles:
-            recorder.insert_events([s])
-
-    record(results, "(a) single-event appends", label, rate(count, timed(run_singles)))
-    batches = [
-        [StoredEvent(oid, v, "bench:Deposited", PAYLOAD_BYTES) for v in range(1, 101)]
-        for oid in (uuid.uuid4() for _ in range(n["batches"]))
-    ]
-
-    def run_batches() -> None:
-        for b in batches:
-            recorder.insert_events(b)
-
-    record(results, "(b) batches of 100", label, rate(100 * len(batches), timed(run_batches)))
-    have = recorder.max_notification_id() or 0
-    while have < n["read"]:
+    async def batch(self, i: int) -> None:
         oid = uuid.uuid4()
-        recorder.insert_events(
-            [StoredEvent(oid, v, "bench:Deposited", PAYLOAD_BYTES) for v in range(1, 1001)]
+        self.recorder.insert_events(
+            [StoredEvent(oid, v, TOPIC, PAYLOAD_BYTES) for v in range(1, 101)]
         )
-        have += 1000
 
-    def read() -> None:
+    async def fill(self, count: int) -> int:
+        have = self.recorder.max_notification_id() or 0
+        while have < count:
+            oid = uuid.uuid4()
+            self.recorder.insert_events(
+                [StoredEvent(oid, v, TOPIC, PAYLOAD_BYTES) for v in range(1, 1001)]
+            )
+            have += 1000
+        return int(self.recorder.max_notification_id())
+
+    async def read_all(self) -> int:
         start, got = 1, 0
         while True:
-            page = recorder.select_notifications(start, 2000)
+            page = self.recorder.select_notifications(start, 2000)
             got += len(page)
             if len(page) < 2000:
-                break
+                return got
             start = page[-1].id + 1
-        assert got >= n["read"]
 
-    total = recorder.max_notification_id()
-    record(results, "(c) read_all", label, rate(total, min(timed(read) for _ in range(REPEAT))))
+    async def prepare(self) -> None:
+        for snap in (False, True):
+            app: Application[Any] = Application(env={**self.env, "IS_SNAPSHOTTING_ENABLED": "y"})
+            acct = EsAccount()
+            for _ in range(1000):
+                acct.deposit(1)
+            app.save(acct)
+            if snap:
+                app.take_snapshot(acct.id)
+            self.apps[snap] = (app, acct.id)
+
+    async def load(self, snap: bool) -> None:
+        app, ident = self.apps[snap]
+        assert app.repository.get(ident).balance == 1000
+
+    async def close(self) -> None:
+        for app, _ in self.apps.values():
+            app.close()
+        self.datastore.close()
 
 
-def bench_es_aggregate(
-    env: dict[str, str], label: str, n: dict[str, int], results: Results
-) -> None:
-    for snap in (False, True):
-        app: Application[Any] = Application(env={**env, "IS_SNAPSHOTTING_ENABLED": "y"})
-        acct = EsAccount()
-        for _ in range(1000):
-            acct.deposit(1)
-        app.save(acct)
-        if snap:
-            app.take_snapshot(acct.id)
-        loads = n["loads"]
+class RawSQLite:
+    name = "raw sqlite3"
 
-        def load(app: Application[Any] = app, acct: EsAccount = acct, loads: int = loads) -> None:
-            for _ in range(loads):
-                got = app.repository.get(acct.id)
-                assert got.balance == 1000
-
-        case = "(d) load 1,000-event aggregate" + (" +snapshot" if snap else "")
-        record(
-            results,
-            case + " (loads/s)",
-            label,
-            rate(loads, min(timed(load) for _ in range(REPEAT))),
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute(RAW_SQLITE_SCHEMA)
+        self.sql = (
+            "INSERT INTO events (stream, version, id, type, data, raw, metadata, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?, 0, NULL, ?)"
         )
-        app.close()
 
+    async def single(self, i: int) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(
+            self.sql, (f"acct-{i}", 0, uuid.uuid4().bytes, "Deposited", PAYLOAD_BYTES, time.time())
+        )
+        self.conn.execute("COMMIT")
 
-# -- raw drivers ---------------------------------------------------------------
+    def _many(self, stream: str, n: int) -> None:
+        now = time.time()
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany(
+            self.sql,
+            [(stream, v, uuid.uuid4().bytes, "Deposited", PAYLOAD_BYTES, now) for v in range(n)],
+        )
+        self.conn.execute("COMMIT")
 
+    async def batch(self, i: int) -> None:
+        self._many(f"b-{i}", 100)
 
-def bench_raw_sqlite(path: str, n: dict[str, int], results: Results) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(RAW_SQLITE_SCHEMA)
-    sql = (
-        "INSERT INTO events (stream, version, id, type, data, raw, metadata, recorded_at)"
-        " VALUES (?, ?, ?, ?, ?, 0, NULL, ?)"
-    )
-    count = n["single"]
+    async def fill(self, count: int) -> int:
+        have, i = self.conn.execute("SELECT count(*) FROM events").fetchone()[0], 0
+        while have < count:
+            self._many(f"f-{i}", 1000)
+            have, i = have + 1000, i + 1
+        return int(self.conn.execute("SELECT max(position) FROM events").fetchone()[0])
 
-    def singles() -> None:
-        for i in range(count):
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                sql, (f"acct-{i}", 0, uuid.uuid4().bytes, "Deposited", PAYLOAD_BYTES, time.time())
-            )
-            conn.execute("COMMIT")
-
-    record(results, "(a) single-event appends", "raw sqlite3", rate(count, timed(singles)))
-
-    def batches() -> None:
-        for i in range(n["batches"]):
-            now = time.time()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                sql,
-                [(f"b-{i}", v, uuid.uuid4().bytes, "Deposited", PAYLOAD_BYTES, now)
-                 for v in range(100)],
-            )  # fmt: skip
-            conn.execute("COMMIT")
-
-    record(results, "(b) batches of 100", "raw sqlite3", rate(100 * n["batches"], timed(batches)))
-    have = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    i = 0
-    while have < n["read"]:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            sql,
-            [(f"f-{i}", v, uuid.uuid4().bytes, "Deposited", PAYLOAD_BYTES, 0.0)
-             for v in range(1000)],
-        )  # fmt: skip
-        conn.execute("COMMIT")
-        have += 1000
-        i += 1
-
-    def read() -> None:
+    async def read_all(self) -> int:
         pos, got = 0, 0
         while True:
-            rows = conn.execute(
-                "SELECT stream, version, position, id, type, data, raw, metadata, recorded_at"
-                " FROM events WHERE position >= ? ORDER BY position LIMIT 2000",
-                (pos,),
-            ).fetchall()
+            rows = self.conn.execute(RAW_READ_SQLITE, (pos,)).fetchall()
             got += len(rows)
             if len(rows) < 2000:
-                break
+                return got
             pos = rows[-1][2] + 1
 
-    total = conn.execute("SELECT max(position) FROM events").fetchone()[0]
-    record(
-        results, "(c) read_all", "raw sqlite3", rate(total, min(timed(read) for _ in range(REPEAT)))
-    )
-    conn.close()
+    async def close(self) -> None:
+        self.conn.close()
 
 
-async def bench_raw_pg(url: str, n: dict[str, int], results: Results) -> None:
-    conn = await asyncpg.connect(url)
-    await conn.execute(RAW_PG_SCHEMA)
-    ins = RAW_PG_INSERT
-    count = n["single"]
+class RawAsyncpg:
+    name = "raw asyncpg"
 
-    async def singles() -> None:
-        for i in range(count):
-            await conn.execute(ins, f"acct-{i}", 0, uuid.uuid4(), "Deposited", PAYLOAD_BYTES)
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
 
-    record(
-        results, "(a) single-event appends", "raw asyncpg", rate(count, await timed_async(singles))
-    )
+    @classmethod
+    async def open(cls, url: str) -> RawAsyncpg:
+        conn = await asyncpg.connect(url)
+        await conn.execute(RAW_PG_SCHEMA)
+        return cls(conn)
 
-    async def batches() -> None:
-        for i in range(n["batches"]):
-            async with conn.transaction():
-                await conn.executemany(
-                    ins,
-                    [(f"b-{i}", v, uuid.uuid4(), "Deposited", PAYLOAD_BYTES) for v in range(100)],
-                )
+    async def single(self, i: int) -> None:
+        await self.conn.execute(RAW_PG_INSERT, f"acct-{i}", 0, uuid.uuid4(), "D", PAYLOAD_BYTES)
 
-    record(
-        results, "(b) batches of 100", "raw asyncpg",
-        rate(100 * n["batches"], await timed_async(batches)),
-    )  # fmt: skip
-    have = await conn.fetchval("SELECT count(*) FROM events")
-    i = 0
-    while have < n["read"]:
-        async with conn.transaction():
-            await conn.executemany(
-                ins, [(f"f-{i}", v, uuid.uuid4(), "Deposited", PAYLOAD_BYTES) for v in range(1000)]
+    async def _many(self, stream: str, n: int) -> None:
+        async with self.conn.transaction():
+            await self.conn.executemany(
+                RAW_PG_INSERT, [(stream, v, uuid.uuid4(), "D", PAYLOAD_BYTES) for v in range(n)]
             )
-        have += 1000
-        i += 1
 
-    async def read() -> None:
-        pos = 0
+    async def batch(self, i: int) -> None:
+        await self._many(f"b-{i}", 100)
+
+    async def fill(self, count: int) -> int:
+        have, i = await self.conn.fetchval("SELECT count(*) FROM events"), 0
+        while have < count:
+            await self._many(f"f-{i}", 1000)
+            have, i = have + 1000, i + 1
+        return int(await self.conn.fetchval("SELECT max(position) FROM events"))
+
+    async def read_all(self) -> int:
+        pos, got = 0, 0
         while True:
-            rows = await conn.fetch(
-                "SELECT stream, version, position, id, type, data, raw, metadata, recorded_at"
-                " FROM events WHERE position >= $1 ORDER BY position LIMIT 2000",
-                pos,
-            )
+            rows = await self.conn.fetch(RAW_READ_PG, pos)
+            got += len(rows)
             if len(rows) < 2000:
-                break
+                return got
             pos = rows[-1][2] + 1
 
-    total = await conn.fetchval("SELECT max(position) FROM events")
-    best = min([await timed_async(read) for _ in range(REPEAT)])
-    record(results, "(c) read_all", "raw asyncpg", rate(total, best))
-    await conn.close()
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+async def run_cases(systems: list[Any], n: dict[str, int], results: Results) -> None:
+    rounds = 4
+
+    async def interleaved(case: str, op: str, per_round: int, events_per_op: int) -> None:
+        spent = {s.name: 0.0 for s in systems}
+        for r in range(rounds):
+            k = r % len(systems)
+            for s in systems[k:] + systems[:k]:
+                fn = getattr(s, op)
+                t0 = time.perf_counter()
+                for i in range(per_round):
+                    await fn(r * per_round + i)
+                spent[s.name] += time.perf_counter() - t0
+        for s in systems:
+            record(results, case, s.name, rate(rounds * per_round * events_per_op, spent[s.name]))
+
+    await interleaved("(a) single-event appends", "single", n["single"] // rounds, 1)
+    await interleaved("(b) batches of 100", "batch", n["batches"] // rounds, 100)
+    totals = {s.name: await s.fill(n["read"]) for s in systems}
+    best = {s.name: float("inf") for s in systems}
+    for r in range(REPEAT):
+        k = r % len(systems)
+        for s in systems[k:] + systems[:k]:
+            t0 = time.perf_counter()
+            got = await s.read_all()
+            best[s.name] = min(best[s.name], time.perf_counter() - t0)
+            assert got >= n["read"], (s.name, got)
+    for s in systems:
+        record(results, "(c) read_all", s.name, rate(totals[s.name], best[s.name]))
+    loaders = [s for s in systems if hasattr(s, "load")]
+    for s in loaders:
+        await s.prepare()
+    for snap in (False, True):
+        case = "(d) load 1,000-event aggregate" + (" +snapshot" if snap else "") + " (loads/s)"
+        best = {s.name: float("inf") for s in loaders}
+        for r in range(REPEAT):
+            k = r % len(loaders)
+            for s in loaders[k:] + loaders[:k]:
+                t0 = time.perf_counter()
+                for _ in range(n["loads"]):
+                    await s.load(snap)
+                best[s.name] = min(best[s.name], time.perf_counter() - t0)
+        for s in loaders:
+            record(results, case, s.name, rate(n["loads"], best[s.name]))
 
 
 # -- concurrency on PostgreSQL ---------------------------------------------------
@@ -507,21 +510,21 @@ async def main() -> int:
         print("SQLite (file, WAL):", flush=True)
         results: Results = {}
         with tempfile.TemporaryDirectory() as tmp:
-            await bench_stanchion(
-                f"sqlite:///{tmp}/st.db?synchronous=FULL", "stanchion", n, results
-            )
-            record_default: Results = {}
-            await bench_stanchion(f"sqlite:///{tmp}/st2.db", "stanchion NORMAL", n, record_default)
-            for case, row in record_default.items():
-                results[case]["stanchion, synchronous=NORMAL"] = row["stanchion NORMAL"]
             ds = SQLiteDatastore(f"{tmp}/es.db")
             rec = SQLiteApplicationRecorder(ds)
             rec.create_table()
-            bench_es_recorder(rec, "eventsourcing", n, results)
-            ds.close()
             env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": f"{tmp}/es2.db"}
-            bench_es_aggregate(env, "eventsourcing", n, results)
-            bench_raw_sqlite(f"{tmp}/raw.db", n, results)
+            systems: list[Any] = [
+                await Stanchion.open("stanchion", f"sqlite:///{tmp}/st.db?synchronous=FULL"),
+                EventsourcingLib(rec, ds, env),
+                RawSQLite(f"{tmp}/raw.db"),
+                await Stanchion.open("stanchion, synchronous=NORMAL", f"sqlite:///{tmp}/st2.db"),
+            ]
+            try:
+                await run_cases(systems, n, results)
+            finally:
+                for system in systems:
+                    await system.close()
         out.append(
             table("SQLite, file, WAL, synchronous=FULL", results, "eventsourcing", "raw sqlite3")
         )
@@ -533,14 +536,19 @@ async def main() -> int:
         names = {k: f"bench_{k}_{tag}" for k in ("stanchion", "eventsourcing", "raw", "es_agg")}
         try:
             urls = {k: await pg_create(v) for k, v in names.items()}
-            await bench_stanchion(urls["stanchion"], "stanchion", n, results)
             ds = es_pg_datastore(urls["eventsourcing"])
             rec = PostgresApplicationRecorder(ds)
             rec.create_table()
-            bench_es_recorder(rec, "eventsourcing", n, results)
-            ds.close()
-            bench_es_aggregate(es_pg_env(urls["es_agg"]), "eventsourcing", n, results)
-            await bench_raw_pg(urls["raw"], n, results)
+            systems = [
+                await Stanchion.open("stanchion", urls["stanchion"]),
+                EventsourcingLib(rec, ds, es_pg_env(urls["es_agg"])),
+                await RawAsyncpg.open(urls["raw"]),
+            ]
+            try:
+                await run_cases(systems, n, results)
+            finally:
+                for system in systems:
+                    await system.close()
             await bench_concurrent_pg(urls, n, results)
         finally:
             for name in names.values():
@@ -554,4 +562,9 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    try:
+        import uvloop  # stanchion's CLI runs on uvloop; measure the same runtime
+
+        raise SystemExit(uvloop.run(main()))
+    except ImportError:
+        raise SystemExit(asyncio.run(main())) from None

@@ -42,6 +42,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from stanchion._ports import free_port as _free_port
 from stanchion.demo._config import DemoConfig, embedded_config, env_urls, services_config
 from stanchion.demo._supervisor import ProcessSpec, Supervisor
 from stanchion.errors import ConfigError
@@ -83,12 +84,6 @@ class DemoOptions:
             raise ConfigError(f"--port must be 1..65535, got {self.port}")
         if self.rate < 0:
             raise ConfigError(f"--rate must be >= 0 orders per second, got {self.rate}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_in_use(host: str, port: int) -> bool:

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from stanchion._ports import free_port
 from stanchion.demo._app import Demo, DemoOptions
-from stanchion.demo._app import _free_port as free_port
 
 __all__ = ["SCENARIOS", "Report", "run_scenario"]
 

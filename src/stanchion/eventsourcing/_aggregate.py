@@ -11,6 +11,7 @@ import msgspec
 
 from stanchion.errors import AggregateNotFound, ConfigError
 from stanchion.eventsourcing._api import EventStore
+from stanchion.eventsourcing._backend import Row
 from stanchion.eventsourcing._core import NO_STREAM, AppendResult, NewEvent, RecordedEvent
 from stanchion.observability import get_logger
 
@@ -95,6 +96,10 @@ class Aggregate:
     :func:`applies` evolve state. The constructor takes the aggregate's id
     only (set other defaults in ``__init__`` after ``super().__init__(id)``),
     because the :class:`Repository` rebuilds aggregates with ``Type(id)``.
+
+    Events are msgspec Structs or frozen dataclasses, stored under their class
+    name (or ``__event_type__``) with schema 1 (or ``__event_schema__``, for
+    upcasters); their fields are the event's JSON data.
 
     Attributes:
         id: the aggregate id.
@@ -240,18 +245,28 @@ class Repository(Generic[A]):
         cls = self.aggregate_type
         stream = self.stream_for(aggregate_id)
         aggregate = cls(aggregate_id)
+        store = self.store
+        backend = store._backend
+        rows: list[Row] | None = None
         if self.snapshot_every is not None:
-            stored = await self.store._backend.load_snapshot(stream)
+            # PostgreSQL fetches the snapshot and the first page after it in one query.
+            combined = getattr(backend, "load_with_snapshot", None)
+            if combined is not None:
+                stored, rows = await combined(stream, store.PAGE)
+            else:
+                stored = await backend.load_snapshot(stream)
             if stored is not None:
                 self._restore(aggregate, *stored)
+                if aggregate.version != stored[0]:  # snapshot ignored: replay everything
+                    rows = None
         # Hot path: decode each payload straight into its event class (no dict in
         # between), unless an upcaster must see the payload first.
-        store = self.store
         upcast = store._upcasters.types
         decoders = cls._decoders()
         version = aggregate.version + 1
         while True:
-            rows = await store._backend.read_stream(stream, version, False, store.PAGE)
+            if rows is None:
+                rows = await backend.read_stream(stream, version, False, store.PAGE)
             for row in rows:
                 decoder = decoders.get(row[4])
                 if decoder is None:
@@ -270,6 +285,7 @@ class Repository(Generic[A]):
                 version += 1
             if len(rows) < store.PAGE:
                 break
+            rows = None
         if aggregate.version < 0:
             raise AggregateNotFound(aggregate_id)
         return aggregate

@@ -202,6 +202,7 @@ class PostgresBackend:
         # listens at all, and skip the NOTIFY (a transaction of its own) when nobody does.
         self._listener_name = f"stanchion-es:{self._channel}"[:63]
         self._listeners_seen = False
+        self._listening_since = 0.0
         self._listeners_checked = -1e9
         self._q_append = f"SELECT * FROM {p}es_append($1, $2, $3, $4, $5, $6, $7)"
         self._q_all = (
@@ -220,6 +221,17 @@ class PostgresBackend:
             " ORDER BY version {dir} LIMIT $3) e ON NOT d.deleted"
         )
         self._q_fwd = tomb.format(op=">=", dir="ASC")
+        # Aggregate loads: the snapshot (state sent once, with the first row) and the
+        # first page of events after it, with the tombstone flag, in one round trip.
+        self._q_agg = (
+            f"WITH snap AS (SELECT version, state FROM {p}es_snapshots WHERE stream = $1),"
+            f" d AS (SELECT coalesce((SELECT deleted FROM {p}es_streams WHERE name = $1), false)"
+            " AS deleted, (SELECT version FROM snap) AS sv, (SELECT state FROM snap) AS st)"
+            " SELECT e.*, d.deleted, d.sv,"
+            " CASE WHEN e.version IS NULL OR e.version = coalesce(d.sv, -1) + 1 THEN d.st END"
+            f" FROM d LEFT JOIN LATERAL (SELECT {_COLS} FROM {p}es_events WHERE stream = $1"
+            " AND version > coalesce(d.sv, -1) ORDER BY version LIMIT $2) e ON NOT d.deleted"
+        )
         self._q_back = tomb.format(op="<=", dir="DESC")
         self._q_state = f"SELECT version, deleted FROM {p}es_streams WHERE name = $1"
         self._q_sub = (
@@ -410,6 +422,18 @@ class PostgresBackend:
             raise StreamDeleted(stream)
         return _rows(found) if found[0][0] is not None else []
 
+    async def load_with_snapshot(
+        self, stream: str, limit: int
+    ) -> tuple[tuple[int, bytes] | None, list[Row]]:
+        """The newest snapshot and up to ``limit`` events after it (or from 0)."""
+        with _mapped(self._url):
+            found = await self._pool.fetch(self._q_agg, stream, limit)
+        first = found[0]
+        if first[9]:
+            raise StreamDeleted(stream)
+        stored = None if first[10] is None else (int(first[10]), bytes(first[11]))
+        return stored, (_rows(found) if first[0] is not None else [])
+
     async def read_all(
         self, from_position: int, limit: int, types: Sequence[str] | None
     ) -> list[Row]:
@@ -430,6 +454,7 @@ class PostgresBackend:
             await conn.add_listener(self._channel, self._notified)
             conn.add_termination_listener(self._lost)
             self._listener = conn
+            self._listening_since = asyncio.get_running_loop().time()
 
     def _notified(self, *_: object) -> None:
         for event in self._wakers:
@@ -448,13 +473,12 @@ class PostgresBackend:
         wake = asyncio.Event()
         self._wakers.add(wake)
         gap_delay = 0.01
-        early_reread = False
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if self._listener is None:
                     with _mapped(self._url):
                         await self._listen()
-                    early_reread = True
                 wake.clear()
                 with _mapped(self._url):
                     found = await self._pool.fetch(self._q_sub, tracker.next, batch, wanted)
@@ -473,8 +497,11 @@ class PostgresBackend:
                     timeout, gap_delay = gap_delay, min(gap_delay * 2, 0.5)
                 else:
                     timeout, gap_delay = self._idle, 0.01
-                    if early_reread:
-                        timeout, early_reread = _NONE_TTL * 2, False
+                    # Just after LISTEN started, writers may still believe nobody
+                    # listens (for up to _NONE_TTL): look once more after that.
+                    fresh = loop.time() - self._listening_since
+                    if fresh < _NONE_TTL * 2:
+                        timeout = min(timeout, _NONE_TTL * 2 - fresh + 0.01)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
         finally:
