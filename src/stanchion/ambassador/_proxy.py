@@ -1124,7 +1124,13 @@ class Ambassador:
                 # The default admin port is taken (another ambassador on this host): run
                 # without an admin listener rather than refuse to proxy.
                 _log.warning("ambassador.admin_unavailable", address=ac.address, error=str(exc))
-        _log.info("ambassador.started", address=lc.address, worker=self.worker, port=self.port)
+        _log.info(
+            "ambassador.started",
+            address=lc.address,
+            worker=self.worker,
+            port=self.port,
+            admin_port=self.admin_port,
+        )
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace``), close all."""
