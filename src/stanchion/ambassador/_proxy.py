@@ -1313,18 +1313,18 @@ class Ambassador:
         rc = route.config
         policy = rc.retry
         attempt = 0
-        last: EndpointState | None = None
+        tried: list[EndpointState] = []
         retrying = False
         budget = self._budget
         try:
             while True:
                 attempt += 1
                 now = time.monotonic()
-                state = up.balancer.pick(now, last)
+                state = up.balancer.pick(now, tried)
                 if state is None:
                     self._local(req, 503, "no-healthy-endpoint", "no healthy endpoint", rc)
                     return
-                last = state
+                tried.append(state)
                 try:
                     outcome, headers = await self._try(req, route, rt, up, state, attempt)
                 except CircuitOpenError as exc:
