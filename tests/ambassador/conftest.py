@@ -37,6 +37,7 @@ class FakeUpstream:
     hits: list[Hit] = field(default_factory=list)
     mode: str = ""
     fail_first: int = 0
+    fail_every: int = 0
     fail_status: int = 503
     slow_first: int = 0
     slow_ms: int = 0
@@ -124,6 +125,9 @@ class _UpProto(asyncio.Protocol):
         if up.slow_first and n <= up.slow_first:
             await asyncio.sleep(up.slow_ms / 1000)
         if up.fail_first and n <= up.fail_first:
+            self.send(up.fail_status, b'{"fail":true}')
+            return
+        if up.fail_every and n % up.fail_every == 0:
             self.send(up.fail_status, b'{"fail":true}')
             return
         mode = up.mode

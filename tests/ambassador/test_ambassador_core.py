@@ -327,11 +327,16 @@ def test_least_request_prefers_idle() -> None:
     assert all(b.pick(0.0) is states[1] for _ in range(10))
 
 
-def test_retry_avoids_previous_endpoint() -> None:
-    states = [EndpointState(_ep(p)) for p in (1, 2)]
+def test_retry_avoids_previous_endpoints() -> None:
+    states = [EndpointState(_ep(p)) for p in (1, 2, 3)]
     b = Balancer(states, "round_robin")
     for _ in range(5):
-        assert b.pick(0.0, exclude=states[0]) is states[1]
+        assert b.pick(0.0, [states[0]]) in (states[1], states[2])
+        assert b.pick(0.0, [states[0], states[2]]) is states[1]
+        # all tried: anything but the last one
+        assert b.pick(0.0, [states[0], states[1], states[2]]) in (states[0], states[1])
+    lr = Balancer(states, "least_request", random.Random(0))
+    assert all(lr.pick(0.0, [states[0], states[1]]) is states[2] for _ in range(5))
 
 
 def test_outlier_ejection_and_cap() -> None:

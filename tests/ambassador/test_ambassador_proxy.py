@@ -351,11 +351,13 @@ async def test_breaker_opens_then_recovers_through_half_open(
     assert r.json()["error"] == "circuit-open"
     circuits = amb.upstreams["u"].breaker.state.name
     assert circuits == "OPEN"
+    assert 'stanchion_ambassador_circuit_state{upstream="u"} 1.0' in amb.metrics.render().decode()
     up.mode = ""  # the upstream recovers
     await asyncio.sleep(0.6)
     assert (await request(amb.port, "GET", "/x")).status == 200  # half-open trial
     assert (await request(amb.port, "GET", "/x")).status == 200
     assert amb.upstreams["u"].breaker.state.name == "CLOSED"
+    assert 'stanchion_ambassador_circuit_state{upstream="u"} 0.0' in amb.metrics.render().decode()
     assert (await request(amb.port, "GET", "/x")).status == 200
 
 

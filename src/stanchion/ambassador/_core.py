@@ -1429,8 +1429,13 @@ class Balancer:
         """Fraction of endpoints currently ejected by outlier detection."""
         return sum(1 for s in self.states if s.ejected_until > now) / len(self.states)
 
-    def pick(self, now: float, exclude: EndpointState | None = None) -> EndpointState | None:
-        """An available endpoint (avoiding ``exclude`` if another exists), or None."""
+    def pick(self, now: float, tried: Sequence[EndpointState] = ()) -> EndpointState | None:
+        """An available endpoint, or None.
+
+        Endpoints already ``tried`` by this request are avoided while untried ones
+        are available (Envoy's ``previous_hosts`` retry predicate); once all were
+        tried, only the last one is avoided.
+        """
         states = self.states
         if len(states) == 1:
             s = states[0]
@@ -1438,8 +1443,12 @@ class Balancer:
         avail = [s for s in states if s.available(now)]
         if not avail:
             return None
-        if exclude is not None and len(avail) > 1 and exclude in avail:
-            avail.remove(exclude)
+        if tried and len(avail) > 1:
+            fresh = [s for s in avail if s not in tried]
+            if fresh:
+                avail = fresh
+            elif tried[-1] in avail:
+                avail.remove(tried[-1])
         if self.kind == "least_request":
             if len(avail) == 1:
                 return avail[0]

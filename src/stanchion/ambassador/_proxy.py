@@ -433,7 +433,6 @@ class _UpstreamRuntime:
                     writer.transport.abort()
             verdict = state.health_result(ok, hc)
             if verdict is not None:
-                self.amb._m_healthy.labels(self.config.name, ep.url).set(1 if verdict else 0)
                 _log.warning(
                     "ambassador.health_changed",
                     upstream=self.config.name,
@@ -999,6 +998,48 @@ def _unknown_coding(values: list[bytes]) -> bool:
 # --------------------------------------------------------------------------- the server
 
 
+class _StateCollector:
+    """Breaker states and endpoint health, read at scrape time (never stale)."""
+
+    def __init__(self, amb: Ambassador) -> None:
+        self.amb = amb
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        circuit = GaugeMetricFamily(
+            "stanchion_ambassador_circuit_state",
+            "Breaker state (0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled)",
+            labels=["upstream"],
+        )
+        healthy = GaugeMetricFamily(
+            "stanchion_ambassador_endpoint_healthy",
+            "1 if the endpoint passes active health checks",
+            labels=["upstream", "endpoint"],
+        )
+        ejected = GaugeMetricFamily(
+            "stanchion_ambassador_endpoint_ejected",
+            "1 while outlier detection ejects the endpoint",
+            labels=["upstream", "endpoint"],
+        )
+        rt = self.amb._rt
+        if rt is not None:
+            now = time.monotonic()
+            for name, up in rt.upstreams.items():
+                if up.breaker is not None:
+                    state = getattr(up.breaker.state, "name", "")
+                    circuit.add_metric([name], _STATE_CODES.get(state, 0))
+                for s in up.states:
+                    healthy.add_metric([name, s.endpoint.url], 1 if s.healthy else 0)
+                    ejected.add_metric([name, s.endpoint.url], 1 if s.ejected_until > now else 0)
+        yield circuit
+        yield healthy
+        yield ejected
+
+
 class _Runtime:
     """An immutable snapshot of the routing state (swapped whole on reload)."""
 
@@ -1065,15 +1106,7 @@ class Ambassador:
         self._m_ejections = m.counter(
             "ambassador_ejections", "Outlier ejections", ("upstream", "endpoint")
         )
-        self._m_healthy = m.gauge(
-            "ambassador_endpoint_healthy", "1 if the active health check passes",
-            ("upstream", "endpoint"),
-        )  # fmt: skip
-        self._m_breaker = m.gauge(
-            "ambassador_circuit_state",
-            "Breaker state (0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled)",
-            ("upstream",),
-        )
+        m.registry.register(_StateCollector(self))
         self._m_rejected = m.counter(
             "ambassador_local_replies",
             "Requests answered by the proxy itself",
@@ -1124,7 +1157,13 @@ class Ambassador:
                 # The default admin port is taken (another ambassador on this host): run
                 # without an admin listener rather than refuse to proxy.
                 _log.warning("ambassador.admin_unavailable", address=ac.address, error=str(exc))
-        _log.info("ambassador.started", address=lc.address, worker=self.worker, port=self.port)
+        _log.info(
+            "ambassador.started",
+            address=lc.address,
+            worker=self.worker,
+            port=self.port,
+            admin_port=self.admin_port,
+        )
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace``), close all."""
@@ -1175,8 +1214,6 @@ class Ambassador:
             else:
                 rt = _UpstreamRuntime(uc, self)
                 rt.start()
-                for s in rt.states:
-                    self._m_healthy.labels(name, s.endpoint.url).set(1)
                 ups[name] = rt
         buckets: dict[str, TokenBucket] = {}
         now = time.monotonic()
@@ -1307,18 +1344,18 @@ class Ambassador:
         rc = route.config
         policy = rc.retry
         attempt = 0
-        last: EndpointState | None = None
+        tried: list[EndpointState] = []
         retrying = False
         budget = self._budget
         try:
             while True:
                 attempt += 1
                 now = time.monotonic()
-                state = up.balancer.pick(now, last)
+                state = up.balancer.pick(now, tried)
                 if state is None:
                     self._local(req, 503, "no-healthy-endpoint", "no healthy endpoint", rc)
                     return
-                last = state
+                tried.append(state)
                 try:
                     outcome, headers = await self._try(req, route, rt, up, state, attempt)
                 except CircuitOpenError as exc:
@@ -1403,10 +1440,6 @@ class Ambassador:
                     raise _UpstreamFailure
         except _UpstreamFailure:
             pass
-        finally:
-            self._m_breaker.labels(up.config.name).set(
-                _STATE_CODES.get(getattr(breaker.state, "name", ""), 0)
-            )
         return result
 
     async def _attempt(
