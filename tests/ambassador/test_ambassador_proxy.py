@@ -361,6 +361,23 @@ async def test_breaker_opens_then_recovers_through_half_open(
     assert (await request(amb.port, "GET", "/x")).status == 200
 
 
+async def test_forced_open_breaker_rejects_without_retry_after(
+    upstream: UpstreamFactory, ambassador: AmbassadorFactory
+) -> None:
+    up = await upstream()
+    amb = await ambassador(
+        upstream_toml("u", up.url, extra="[upstreams.circuit_breaker]\nminimum_calls = 4\n")
+        + '[[routes]]\nprefix="/"\nupstream="u"\n'
+    )
+    amb.upstreams["u"].breaker.force_open()  # an operator's switch: no trial is ever scheduled
+    r = await request(amb.port, "GET", "/x")
+    assert r.status == 503 and r.headers["x-stanchion-reason"] == "circuit-open"
+    assert "retry-after" not in {k.lower() for k in r.headers}
+    assert len(up.requests()) == 0
+    amb.upstreams["u"].breaker.reset()
+    assert (await request(amb.port, "GET", "/x")).status == 200
+
+
 async def test_outlier_ejection_moves_traffic(
     upstream: UpstreamFactory, ambassador: AmbassadorFactory
 ) -> None:

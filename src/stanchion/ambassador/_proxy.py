@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import os
 import random
 import ssl
@@ -1359,13 +1360,16 @@ class Ambassador:
                 try:
                     outcome, headers = await self._try(req, route, rt, up, state, attempt)
                 except CircuitOpenError as exc:
+                    wait = exc.retry_after  # inf when forced open: no trial is scheduled
                     self._local(
                         req,
                         503,
                         "circuit-open",
                         f"circuit open for upstream {up.config.name}",
                         rc,
-                        extra=b"retry-after: %d\r\n" % max(1, int(exc.retry_after + 0.999)),
+                        extra=b"retry-after: %d\r\n" % max(1, math.ceil(wait))
+                        if math.isfinite(wait)
+                        else b"",
                     )
                     return
                 except _Reject as rej:
