@@ -599,6 +599,7 @@ class Subscription:
         self._release: list[object] = []
         self._acks_closing = False
         self._low_water = max(1, spec.prefetch // 2)
+        self._delivered = 0  # flushed to the counter by the fetch loop
         topic = spec.pattern.pattern
         m = broker._m
         self._m_delivered = m.delivered.labels(topic, spec.group)
@@ -667,6 +668,9 @@ class Subscription:
             for d in batch:
                 self._dispatch(d)
             self._m_in_flight.set(len(self._held))
+            if self._delivered:
+                self._m_delivered.inc(self._delivered)
+                self._delivered = 0
             now = self._broker._clock()
             if now - last_lag > 2.0:
                 last_lag = now
@@ -721,6 +725,7 @@ class Subscription:
 
     async def _worker(self) -> None:
         # ``concurrency`` long-lived workers take ready messages in order.
+        _current_sub.set(self)  # each worker is its own task: set once
         while True:
             h = await self._ready.get()
             if h is None:
@@ -738,21 +743,18 @@ class Subscription:
         if self._stopping and h.failures:
             self._finish(h, ack=False)
             return
-        self._m_delivered.inc()
+        self._delivered += 1
         token = _current.set(msg)
-        sub_token = _current_sub.set(self)
         t0 = time.perf_counter()
         try:
             await self._handler(msg)
         except Exception as exc:
             self._m_latency.observe(time.perf_counter() - t0)
             _current.reset(token)
-            _current_sub.reset(sub_token)
             await self._failed(h, msg, exc)
             return
         self._m_latency.observe(time.perf_counter() - t0)
         _current.reset(token)
-        _current_sub.reset(sub_token)
         self._finish(h, ack=True)
 
     async def _failed(self, h: _Held, msg: Message, exc: Exception) -> None:
@@ -893,6 +895,9 @@ class Subscription:
                 await self._consumer.close()
         finally:
             self._m_in_flight.set(0)
+            if self._delivered:
+                self._m_delivered.inc(self._delivered)
+                self._delivered = 0
             self._stopped.set()
 
     async def lag(self) -> int | None:
