@@ -108,7 +108,7 @@ class RedisDriver:
                 f"Redis at {url.masked()} does not persist (no AOF, no RDB save points): "
                 "messages may be lost on a restart; set appendonly yes"
             )
-            _log.warning("pubsub.redis_not_persistent", url=url.masked())
+            _log.warning("pubsub.redis_not_persistent", url=url.masked(), detail=text)
             warnings.warn(text, RuntimeWarning, stacklevel=3)
         maxlen = url.get_int("maxlen", 0) or None
         return cls(client, url.query.get("prefix", "stanchion:"), maxlen, url.masked())
