@@ -274,4 +274,11 @@ class _RedisConsumer:
         return None
 
     async def close(self) -> None:
-        return None
+        # Forget this member unless it still owns pending entries (deleting it
+        # would drop them; the reclaim loop of another member takes them).
+        with contextlib.suppress(RedisError, OSError):
+            mine = await self._r.xpending_range(
+                self._key, self._s.group, min="-", max="+", count=1, consumername=self._s.consumer
+            )
+            if not mine:
+                await self._r.xgroup_delconsumer(self._key, self._s.group, self._s.consumer)
