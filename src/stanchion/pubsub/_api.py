@@ -452,8 +452,6 @@ class Broker:
         for mw in reversed((*self._middleware, *middleware)):
             wrapped = mw(wrapped)
         await self._driver.declare(pattern, group)
-        if dead is not None:
-            await self._driver.declare(TopicPattern(dead), group)
         sub = Subscription(
             self,
             spec,
@@ -600,6 +598,7 @@ class Subscription:
         self._acks_closing = False
         self._low_water = max(1, spec.prefetch // 2)
         self._delivered = 0  # flushed to the counter by the fetch loop
+        self._dead_declared = False
         topic = spec.pattern.pattern
         m = broker._m
         self._m_delivered = m.delivered.labels(topic, spec.group)
@@ -787,6 +786,12 @@ class Subscription:
             )
             out = OutboundMessage(self.dead_letter, msg.id, msg.key, headers, msg.data, _now_us())
             try:
+                if not self._dead_declared:
+                    # Keep dead letters for this group even on engines that only
+                    # keep messages for declared groups (RabbitMQ); created on
+                    # first use so no empty dead-letter topics pile up.
+                    await self._broker._driver.declare(TopicPattern(self.dead_letter), self.group)
+                    self._dead_declared = True
                 await self._broker._driver.publish([out])
             except Exception as exc:
                 # Not acked: try again later rather than lose the message.
