@@ -13,6 +13,8 @@ Publishes are pipelined (one round trip per batch); ``publish`` returns when
 Redis answered every ``XADD``. Redis acknowledges writes from memory: without
 AOF (``appendonly yes``) or RDB snapshots a restart loses every message, so
 connecting to such a server emits a :class:`RuntimeWarning` and a log line.
+With AOF, ``appendfsync everysec`` (Redis's default) may lose the last second
+of acknowledged writes on a host crash; ``appendfsync always`` does not.
 
 Query parameters: ``prefix``, ``maxlen`` (approximate stream cap, default
 none), ``block`` (XREADGROUP block in ms, default: the runtime's poll).
