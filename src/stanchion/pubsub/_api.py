@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import os
 import time
 import uuid
@@ -130,6 +131,21 @@ def _encode_data(data: object, headers: dict[str, str]) -> bytes:
         return data.encode()
     headers.setdefault(H_CONTENT_TYPE, "application/json")
     return json_codec.encode(data)
+
+
+def _as_async(handler: Callable[[Message], Any]) -> Handler:
+    # Accept plain functions too (they run on the event loop: keep them short).
+    call = getattr(handler, "__call__", None)  # noqa: B004
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        return handler
+
+    async def adapter(msg: Message) -> Any:
+        result = handler(msg)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return adapter
 
 
 class _Metrics:
@@ -448,7 +464,7 @@ class Broker:
             prefetch=prefetch if prefetch is not None else max(16, 4 * concurrency),
             ack_timeout=float(ack_timeout),
         )
-        wrapped = handler
+        wrapped = _as_async(handler)
         for mw in reversed((*self._middleware, *middleware)):
             wrapped = mw(wrapped)
         await self._driver.declare(pattern, group)
@@ -491,14 +507,19 @@ class Broker:
         if self._closed:
             raise ConfigError("the broker is closed")
 
-    async def close(self) -> None:
-        """Stop every subscription (draining in-flight handlers) and disconnect."""
+    async def close(self, timeout: float | None = 30.0) -> None:  # noqa: ASYNC109
+        """Stop every subscription (draining in-flight handlers) and disconnect.
+
+        Args:
+            timeout: seconds each subscription waits for its running handlers
+                before cancelling them (their messages are redelivered).
+        """
         if self._closed:
             return
         self._closed = True
         for sub in list(self._subs):
             with contextlib.suppress(Exception):
-                await sub.stop()
+                await sub.stop(timeout)
         await self._driver.close()
 
     async def aclose(self) -> None:
