@@ -667,6 +667,9 @@ class Subscription:
         failures = 0
         last_lag = 0.0
         while not self._stopping:
+            if self._delivered:
+                self._m_delivered.inc(self._delivered)
+                self._delivered = 0
             room = self.spec.prefetch - len(self._held)
             # Refill in batches: wait for half the window to free up (a fetch
             # of one message per ack would cost a round trip per message).
@@ -688,9 +691,6 @@ class Subscription:
             for d in batch:
                 self._dispatch(d)
             self._m_in_flight.set(len(self._held))
-            if self._delivered:
-                self._m_delivered.inc(self._delivered)
-                self._delivered = 0
             now = self._broker._clock()
             if now - last_lag > 2.0:
                 last_lag = now
