@@ -149,3 +149,39 @@ async def test_amqp_mandatory_unroutable_topic_is_an_error(pubsub_amqp_url: str)
             await broker.publish("nobody.listens", b"x")
         await broker.declare("somebody.listens", group="g")
         await broker.publish("somebody.listens", b"x")
+
+
+async def test_router_publisher_decorator(memory_url: str) -> None:
+    router = Router(group="svc")
+    out = Sink()
+
+    @router.subscriber("in")
+    @router.publisher("out")
+    async def double(msg: Message) -> dict[str, int]:
+        return {"n": msg.json()["n"] * 2}
+
+    router.add("out", out, group="sink")
+    async with await Broker.connect(memory_url) as broker:
+        await router.start(broker)
+        await broker.publish("in", {"n": 21})
+        await eventually(lambda: len(out.messages) == 1)
+        assert out.messages[0].json() == {"n": 42}
+        await router.stop()
+
+
+async def test_sync_handler_and_close_timeout(memory_url: str) -> None:
+    got: list[str] = []
+
+    def plain(msg: Message) -> None:
+        got.append(msg.id)
+
+    async def stuck(msg: Message) -> None:
+        await asyncio.sleep(3600)
+
+    broker = await Broker.connect(memory_url)
+    await broker.subscribe("sync", plain, group="g")
+    await broker.subscribe("stuck", stuck, group="g")
+    mid = await broker.publish("sync", b"x")
+    await broker.publish("stuck", b"x")
+    await eventually(lambda: got == [mid])
+    await asyncio.wait_for(broker.close(timeout=0.2), 5)
