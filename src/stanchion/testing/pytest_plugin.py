@@ -124,13 +124,20 @@ def nats_url(namespace: str) -> Iterator[str]:
         cleanup_nats(namespace, base)
 
 
-@pytest.fixture
-def amqp_url(namespace: str) -> Iterator[str]:
-    """The shared RabbitMQ with ``?prefix=<namespace>``; its queues/exchanges go afterwards."""
-    base = need_service("amqp")
-    yield with_query(base, prefix=namespace)
+@pytest.fixture(scope="session")
+def _amqp_namespaces() -> Iterator[list[str]]:
+    used: list[str] = []
+    yield used
     with contextlib.suppress(Exception):
-        cleanup_amqp(namespace)
+        cleanup_amqp(*used)  # one listing for the whole session: rabbitmqctl is slow
+
+
+@pytest.fixture
+def amqp_url(namespace: str, _amqp_namespaces: list[str]) -> str:
+    """The shared RabbitMQ with ``?prefix=<namespace>``; its queues/exchanges go at session end."""
+    base = need_service("amqp")
+    _amqp_namespaces.append(namespace)
+    return with_query(base, prefix=namespace)
 
 
 @pytest.fixture

@@ -239,29 +239,40 @@ def cleanup_nats(prefix: str, url: str | None = None) -> int:
     return run_sync(go)
 
 
-def cleanup_amqp(prefix: str) -> int:
-    """Delete RabbitMQ queues and exchanges whose names start with ``prefix``.
+def cleanup_amqp(*prefixes: str, url: str | None = None) -> int:
+    """Delete RabbitMQ queues and exchanges whose names start with any of ``prefixes``.
 
-    Uses ``rabbitmqctl`` on this host (the management API is not assumed);
-    does nothing where it is not installed.
+    Names are listed with one ``rabbitmqctl`` call per kind (the management
+    API is not assumed; it costs about a second each) and deleted over AMQP,
+    so call it once for many prefixes. Does nothing where ``rabbitmqctl`` is
+    not installed.
     """
     ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
+    if ctl is None or not prefixes:
         return 0
-    deleted = 0
+    found: dict[str, list[str]] = {}
     for kind in ("queues", "exchanges"):
         out = subprocess.run(
             [ctl, "-q", f"list_{kind}", "name"], capture_output=True, text=True, timeout=60
         )
-        for name in out.stdout.split():
-            if name.startswith(prefix):
-                subprocess.run(
-                    [ctl, "-q", f"delete_{kind[:-1]}", name],
-                    capture_output=True,
-                    timeout=60,
-                )
-                deleted += 1
-    return deleted
+        found[kind] = [n for n in out.stdout.split() if n.startswith(prefixes)]
+    if not any(found.values()):
+        return 0
+    import aio_pika
+
+    async def go() -> int:
+        conn = await aio_pika.connect((url or SERVICES["amqp"].url).split("?", 1)[0])
+        try:
+            channel = await conn.channel()
+            for name in found["queues"]:
+                await channel.queue_delete(name)
+            for name in found["exchanges"]:
+                await channel.exchange_delete(name)
+        finally:
+            await conn.close()
+        return len(found["queues"]) + len(found["exchanges"])
+
+    return run_sync(go)
 
 
 def _etcd_http(url: str) -> str:
