@@ -41,7 +41,7 @@ SHARDS = [f"s{i}" for i in range(10)]
 
 
 def bench_lookups(n_keys: int) -> list[tuple[str, float]]:
-    from uhashring import HashRing as UHashRing
+    from uhashring import HashRing as UHashRing  # type: ignore[import-untyped]
 
     keys = [f"user-{i}" for i in range(n_keys)]
     int_keys = list(range(n_keys))

@@ -14,7 +14,9 @@ import pytest
 
 from stanchion.errors import ReshardError, ShardMapChanged, UnknownShard
 from stanchion.sharding import (
+    Directory,
     HashRing,
+    Rendezvous,
     ReshardProgress,
     RouterOptions,
     ShardedDatabase,
@@ -293,5 +295,42 @@ async def test_reshard_killed_with_sigkill_then_resumed(shard_env: ShardEnv) -> 
         assert (await db.fetch_one(7, "SELECT score FROM users WHERE user_id = :k", {"k": 7})) == {
             "score": 70
         }
+    finally:
+        await db.close()
+
+
+async def test_remove_a_shard_and_move_between_existing_shards(shard_env: ShardEnv) -> None:
+    urls = shard_env.urls("s1", "s2", "s3")
+    db = await ShardedDatabase.connect(
+        ShardMap(Rendezvous(list(urls)), urls, store=shard_env.store),
+        tables={"users": "user_id"},
+        schema=users_schema(shard_env.scheme),
+    )
+    try:
+        await _bulk(db, list(range(400)))
+        done = await db.reshard(Rendezvous(["s1", "s2"]), grace=0)
+        assert done.phase == "done"
+        by_shard = await _rows_by_shard(urls)
+        assert by_shard["s3"] == {}
+        assert sorted(k for rows in by_shard.values() for k in rows) == list(range(400))
+        assert db.shards == ("s1", "s2")
+        await db.close()
+        # a directory move between two shards that both stay (another map, same store)
+        regions = Directory({"eu": "s1", "us": "s2", "asia": "s2"})
+        two = {k: urls[k] for k in ("s1", "s2")}
+        db = await ShardedDatabase.connect(
+            ShardMap(regions, two, store=shard_env.store + "?name=regions"),
+            tables={"people": "region"},
+            schema=["CREATE TABLE IF NOT EXISTS people (id INTEGER PRIMARY KEY, region TEXT)"],
+        )
+        for i, region in enumerate(["eu", "us", "asia", "eu", "us"] * 20):
+            await db.execute(region, "INSERT INTO people VALUES (:i, :r)", {"i": i, "r": region})
+        done = await db.reshard(regions.assign("eu", "s2"), grace=0)
+        assert db.shard_for("eu") == "s2" and done.rows_copied == 40
+        res = await db.fetch_all("SELECT id, region FROM people")
+        assert len(res.rows) == 100
+        s1 = await open_shard(urls["s1"])
+        assert await s1.fetch("SELECT count(*) AS n FROM people") == [{"n": 0}]
+        await s1.close()
     finally:
         await db.close()
