@@ -204,6 +204,7 @@ async def test_abort_before_cutover_changes_nothing(shard_env: ShardEnv) -> None
         assert status is not None and status.phase == "copy"
         with pytest.raises(ReshardError, match="in progress"):
             await db.reshard(db.shard_map.strategy.add("s5"), urls={"s5": urls["s4"]})
+        assert b"stanchion_reshard_rows_copied" in db.metrics.render()
         result = await db.abort_reshard()
         assert result.phase == "aborted"
         assert await db.reshard_status() is None

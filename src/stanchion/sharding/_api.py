@@ -174,6 +174,16 @@ class ShardedDatabase:
     that is down fails fast with :class:`~stanchion.errors.ShardUnavailable`
     while the others keep serving.
 
+    Consistency during a reshard: writes are never lost (a write routed by an
+    outdated map is rejected by the shard's fence and retried by the router;
+    a :meth:`transaction` that meets a cutover raises
+    :class:`~stanchion.errors.ShardMapChanged`, retry it). Reads are not
+    fenced: a router that has not yet reloaded the map (at most
+    ``refresh_interval`` seconds) may read a moved key from its old shard;
+    the old copies are kept for a grace period after the cutover for that
+    reason. PostgreSQL sessions are not reset between uses of a pooled
+    connection (no ``RESET ALL``): prefer ``SET LOCAL`` inside transactions.
+
     .. versionadded:: 0.1
     """
 
@@ -286,6 +296,12 @@ class ShardedDatabase:
         await self._map.close()
 
     # -- introspection ------------------------------------------------------------
+
+    @property
+    def metrics(self) -> Metrics:
+        """The router's Prometheus metrics (queries and outages per shard, map
+        version, reshard progress; breakers register in the same registry)."""
+        return self._metrics
 
     @property
     def shard_map(self) -> ShardMap:
