@@ -335,3 +335,52 @@ async def test_remove_a_shard_and_move_between_existing_shards(shard_env: ShardE
         await s1.close()
     finally:
         await db.close()
+
+
+class Crash(BaseException):
+    """Stands for the resharding process dying at a chosen step."""
+
+
+async def test_resume_after_crashes_in_pause_and_cleanup(shard_env: ShardEnv) -> None:
+    urls = shard_env.urls("s1", "s2", "s3", "s4")
+    old_urls = {k: urls[k] for k in ("s1", "s2", "s3")}
+    db = await _connect(shard_env, old_urls, options=RouterOptions(pause_timeout=0.3))
+    try:
+        await _bulk(db, list(range(200)))
+        new = db.shard_map.strategy.add("s4")
+
+        def crash_in(phase: str) -> Any:
+            def report(p: ReshardProgress) -> None:
+                if p.phase == phase:
+                    raise Crash(phase)
+
+            return report
+
+        with pytest.raises(Crash):
+            await db.reshard(new, urls={"s4": urls["s4"]}, on_progress=crash_in("pause"))
+        old = HashRing(["s1", "s2", "s3"])
+        moving = next(k for k in range(200) if old.shard_for(k) != new.shard_for(k))
+        staying = next(k for k in range(200) if old.shard_for(k) == new.shard_for(k))
+        # the pause holds writes to moving keys only
+        await db.execute(staying, "UPDATE users SET score = 1 WHERE user_id = :k", {"k": staying})
+        with pytest.raises(ReshardError, match="paused"):
+            await db.execute(moving, "UPDATE users SET score = 1 WHERE user_id = :k", {"k": moving})
+        assert (
+            await db.fetch_one(moving, "SELECT score FROM users WHERE user_id = :k", {"k": moving})
+        ) == {"score": 0}  # reads are served during the pause
+        with pytest.raises(Crash):
+            await db.resume_reshard(on_progress=crash_in("cleanup"))
+        assert db.shard_for(moving) == new.shard_for(moving)  # cut over
+        with pytest.raises(ReshardError, match="cut over"):
+            await db.abort_reshard()
+        await db.execute(moving, "UPDATE users SET score = 2 WHERE user_id = :k", {"k": moving})
+        done = await db.resume_reshard(grace=0)
+        assert done.phase == "done"
+        by_shard = await _rows_by_shard(urls)
+        assert sorted(k for rows in by_shard.values() for k in rows) == list(range(200))
+        for shard, rows in by_shard.items():
+            assert all(new.shard_for(k) == shard for k in rows)
+        assert by_shard[new.shard_for(moving)][moving][1] == 2
+        assert by_shard[new.shard_for(staying)][staying][1] == 1
+    finally:
+        await db.close()
