@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stanchion.errors import ReshardError, ShardMapChanged, UnknownShard
+from stanchion.errors import ConfigError, ReshardError, ShardMapChanged, UnknownShard
 from stanchion.sharding import (
     Directory,
     HashRing,
@@ -218,6 +218,8 @@ async def test_abort_before_cutover_changes_nothing(shard_env: ShardEnv) -> None
             await db.resume_reshard()
         with pytest.raises(UnknownShard, match="s9"):
             await db.reshard(HashRing(["s1", "s2", "s3", "s9"]))
+        with pytest.raises(ConfigError, match="another URL"):
+            await db.reshard(db.shard_map.strategy.add("s4"), urls={"s1": urls["s4"]})
         await db.execute(1, "UPDATE users SET score = 5 WHERE user_id = :k", {"k": 1})
     finally:
         await db.close()

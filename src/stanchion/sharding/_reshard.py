@@ -213,6 +213,12 @@ class Resharder:
                 f"a reshard is already in progress (phase {phase}); "
                 "run resume_reshard() or abort_reshard() first"
             )
+        moved = [n for n, u in urls.items() if n in st.urls and st.urls[n] != u]
+        if moved:
+            raise ConfigError(
+                f"shard(s) {moved} already exist with another URL; a reshard adds shards, "
+                "it does not repoint them (use ShardMap.update() after a failover)"
+            )
         new_urls: dict[str, str] = {}
         for name in new_strategy.shards:
             url = urls.get(name) or st.urls.get(name)
