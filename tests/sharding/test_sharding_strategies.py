@@ -196,8 +196,10 @@ def test_directory() -> None:
     assert d.shard_for("eu") == "s1"
     with pytest.raises(UnknownShard, match="not in the directory"):
         d.shard_for("mars")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="float"):
         d.shard_for(1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list"):
+        d.shard_for(["eu"])  # type: ignore[arg-type]
     d4 = d.add("s4").assign("asia", "s4")
     assert d4.shards == ("s1", "s2", "s3", "s4")
     moves = plan_reshard(d, d4)
