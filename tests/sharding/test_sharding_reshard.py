@@ -236,6 +236,8 @@ _CHILD = textwrap.dedent(
 
         def report(p):
             print(p.phase, p.rows_copied, flush=True)
+            if p.phase == "copy" and p.rows_copied >= 30:
+                sys.stdin.readline()  # hold here, midway through the copy, until killed
 
         await db.reshard(new, urls={"s4": url}, batch_size=10, on_progress=report)
 
@@ -256,6 +258,7 @@ async def test_reshard_killed_with_sigkill_then_resumed(shard_env: ShardEnv) -> 
         _CHILD,
         shard_env.store,
         urls["s4"],
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
