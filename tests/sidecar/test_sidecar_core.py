@@ -46,7 +46,7 @@ def test_splitter_any_chunking_gives_the_same_lines(
     for c in [*cuts, len(stream)]:
         out += s.feed(stream[prev:c])
         prev = c
-    assert [line for _, line, _ in out] == [x.rstrip(b"\r") for x in lines]
+    assert [line for _, line, _ in out] == [x[:-1] if x.endswith(b"\r") else x for x in lines]
     offsets = [o for o, _, _ in out]
     expected, pos = [], 0
     for line in lines:
@@ -159,7 +159,8 @@ def test_buffer_policy_batches_and_cap() -> None:
     assert p.ready(10, 100, 0.0) and p.ready(3, 1000, 0.0) and p.ready(1, 1, 1.0)
     assert p.segments_to_drop([40_000, 40_000, 10_000], 5_000) == 0
     assert p.segments_to_drop([40_000, 40_000, 10_000], 20_000) == 1
-    assert p.segments_to_drop([90_000, 10_000], 50_000) == 1  # never the newest one
+    assert p.segments_to_drop([90_000, 10_000], 50_000) == 1
+    assert p.segments_to_drop([90_000], 50_000) == 1  # even the one being written
     with pytest.raises(ConfigError):
         BufferPolicy(max_bytes=10)
 
@@ -260,3 +261,22 @@ def test_log_query_params() -> None:
     with pytest.raises(ConfigError):
         LogQuery.from_params({"since": "yesterday"}, 0)
     assert parse_duration("7d") == 604800
+
+
+def test_tail_copy_seen_after_the_truncate_is_still_read() -> None:
+    t = TailTracker(fingerprint_bytes=64)
+    content = b"".join(b"line %03d\n" % i for i in range(20))
+    plan = t.observe([_stat("app.log", 10, content)])[0]
+    plan.state.offset = 90
+    # the truncate is seen first (the copy was not globbed yet): new generation from 0
+    plans = t.observe([_stat("app.log", 10, b"fresh\n")])
+    assert [(p.offset, p.reset) for p in plans] == [(0, True)]
+    plans[0].state.offset = 6
+    # then the copy shows up: the rest of the old generation is read from it
+    late = t.observe([_stat("app.log", 10, b"fresh\n"), _stat("app.log.1", 12, content)])
+    assert [(p.path, p.offset, p.final, p.state.identity) for p in late] == [
+        ("app.log.1", 90, True, plan.state.identity),  # the old generation's rest first
+        ("app.log", 6, False, plans[0].state.identity),
+    ]
+    again = t.observe([_stat("app.log", 10, b"fresh\n"), _stat("app.log.1", 12, content)])
+    assert [p.path for p in again] == ["app.log"]

@@ -207,7 +207,8 @@ def test_200k_lines_rotation_collector_down_sidecar_sigkilled(
     missing = sorted(set(range(TOTAL)) - set(out))
     if missing:  # one contiguous run just before the resume point
         assert missing == list(range(missing[0], first_run["out"])), missing[:5]
-        assert len(missing) * LINE_BYTES <= PIPE_CAPACITY + LINE_BYTES
+        # what was in the pipe, and at most the one 64 KiB read in flight into the buffer
+        assert len(missing) * LINE_BYTES <= 2 * PIPE_CAPACITY + LINE_BYTES
     assert set(range(first_run["out"], TOTAL)) <= set(out)
     # every record has the documented shape and labels
     sample = records[len(records) // 2]

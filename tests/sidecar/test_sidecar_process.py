@@ -127,46 +127,56 @@ def test_grace_then_sigkill(tmp_path: Path) -> None:
         ("always", 0, 3, 0),
     ],
 )
-def test_restart_policy(
+async def test_restart_policy(
     tmp_path: Path, policy: str, child_exit: int, runs: int, status: int
 ) -> None:
+    from stanchion.sidecar import Sidecar, load_config
+
     sc = f'restart = "{policy}"\nmax_restarts = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1'
     cfg = config(tmp_path, '[capture]\nformat = "text"', sc)
     child = f"import sys; print('run', flush=True); sys.exit({child_exit})"
-    p = sidecar(cfg, sys.executable, "-c", child)
-    assert p.wait(30) == status
+    sidecar = Sidecar(load_config(cfg), [sys.executable, "-c", child])
+    assert await sidecar.run() == status
     assert messages(tmp_path).count("run") == runs
     ids = {r["id"].split("/")[1] for r in records(tmp_path)}
     assert len(ids) == runs  # each run is its own stream identity
+    assert sidecar.restarts == runs - 1
 
 
-def test_bad_config_fails_before_the_child_starts(tmp_path: Path) -> None:
+def test_bad_config_fails_before_the_child_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stanchion.cli import main
+
     marker = tmp_path / "child-ran"
-    child = ["-c", f"open({str(marker)!r}, 'w').write('x')"]
+    child = [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"]
     cases = {
-        '[capture]\nformat = "xml"': "unknown format 'xml'",
-        "[sidecar2]\nx = 1": "unknown key(s) sidecar2",
-        '[capture]\nformat = "regex"\npattern = "(unclosed"': "regex pattern",
+        '[capture]\nformat = "xml"\n[[sinks]]\ntype = "stdout"': "unknown format 'xml'",
+        '[sidecar2]\nx = 1\n[[sinks]]\ntype = "stdout"': "unknown key(s) sidecar2",
+        '[capture]\nformat = "regex"\npattern = "("\n[[sinks]]\ntype = "stdout"': "regex",
+        '[sidecar]\nrestart = "sometimes"\n[[sinks]]\ntype = "stdout"': "on-failure",
+        '[sidecar]\nservice = "x"': "at least one [[sinks]]",
+        '[[sinks]]\ntype = "loki"': "needs a url",
+        '[[sinks]]\ntype = "kafka"': "unknown type 'kafka'",
+        '[[sinks]]\ntype = "syslog"\naddress = "nowhere"': "not HOST:PORT",
+        "not toml [": "not valid TOML",
     }
-    for extra, needle in cases.items():
+    for text, needle in cases.items():
         cfg = tmp_path / "bad.toml"
-        cfg.write_text(extra + '\n[[sinks]]\ntype = "stdout"\n')
-        p = sidecar(cfg, sys.executable, *child)
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 1, err
-        assert err.startswith("ConfigError: ") and needle in err, err
-    cfg = tmp_path / "nosink.toml"
-    cfg.write_text('[sidecar]\nservice = "x"\n')
-    p = sidecar(cfg, sys.executable, *child)
-    assert p.wait(30) == 1 and "at least one [[sinks]]" in p.stderr.read()  # type: ignore[union-attr]
-    cfg.write_text('[[sinks]]\ntype = "loki"\n')
-    p = sidecar(cfg, sys.executable, *child)
-    assert p.wait(30) == 1 and "needs a url" in p.stderr.read()  # type: ignore[union-attr]
-    cfg.write_text("not toml [")
-    p = sidecar(cfg, sys.executable, *child)
-    assert p.wait(30) == 1 and "not valid TOML" in p.stderr.read()  # type: ignore[union-attr]
-    p = sidecar(tmp_path / "missing.toml", sys.executable, *child)
-    assert p.wait(30) == 1 and "not found" in p.stderr.read()  # type: ignore[union-attr]
+        cfg.write_text(text)
+        assert main(["sidecar", "--config", str(cfg), "--", *child]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ConfigError: ") and needle in err, (text, err)
+    assert main(["sidecar", "--config", str(tmp_path / "missing.toml"), "--", *child]) == 1
+    assert "not found" in capsys.readouterr().err
+    # and as a real process: exit 1, one clear line, the child never ran
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[capture]\nformat = "xml"\n[[sinks]]\ntype = "stdout"')
+    p = sidecar(cfg, *child)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 1 and err.strip().splitlines() == [
+        f"ConfigError: {cfg} [capture]: unknown format 'xml'; use one of json, logfmt, regex, text"
+    ]
     assert not marker.exists()
 
 
@@ -270,10 +280,42 @@ backoff_max = 0.1
             return 0.0
 
         wait_for(lambda: dropped() > 0)
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1])
+        assert peak_kb < 100 * 1024  # memory stays bounded under the burst
         seg = sum(f.stat().st_size for f in (tmp_path / "state/buffers/down").glob("*.seg"))
-        assert seg <= 262144 + 65536
+        assert seg <= 262144
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=20)
         assert "sidecar.buffer_full" in err
     finally:
         p.kill()
+
+
+def test_files_appearing_later_and_a_partial_last_line(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    extra = f'[[files]]\nname = "app"\npaths = ["{logs}/*.log"]\nformat = "logfmt"\n'
+    extra += "poll_interval = 0.02\n"
+    child = textwrap.dedent(f"""
+        import time
+        time.sleep(0.3)  # the file does not exist when the sidecar starts
+        with open({str(logs / "late.log")!r}, "a") as f:
+            f.write('level=info msg="first"\\nlevel=warn msg="sec')
+            f.flush()
+            time.sleep(0.5)  # a partial last line waits for its newline
+            f.write('ond half"\\n')
+    """)
+    p = sidecar(config(tmp_path, extra), sys.executable, "-c", child)
+    assert p.wait(30) == 0
+    recs = [r for r in records(tmp_path) if r["source"] == "app"]
+    assert [(r["level"], r["message"]) for r in recs] == [
+        ("info", "first"),
+        ("warning", "second half"),
+    ]
+
+
+def test_command_not_found_exits_127(tmp_path: Path) -> None:
+    p = sidecar(config(tmp_path), str(tmp_path / "no-such-binary"))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 127 and "cannot start" in err

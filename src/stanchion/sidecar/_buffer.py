@@ -4,21 +4,21 @@ Layout of a buffer directory::
 
     000000000001.seg   records, one JSON object per line (NDJSON), appended
     000000000002.seg   ...
-    ack                {"segment": 2, "offset": 1234}: everything before is delivered
+    ack                "2 1234": everything before segment 2, offset 1234 is delivered
 
 Appends go straight to the segment with ``os.write`` (no user-space buffer),
 so a SIGKILL of the sidecar loses nothing appended; ``sync()`` adds an
 ``fsync`` for power loss. The reader hands out batches of whole lines from
-the acknowledged cursor on; :meth:`ack` moves the cursor (atomically, by
-rename) and deletes fully delivered segments. After a restart reading starts
-again at the cursor, so at most the unacknowledged batches are sent twice.
+the acknowledged cursor on; :meth:`ack` moves the cursor (one small fixed-size
+record rewritten in place) and deletes fully delivered segments. After a
+restart reading starts again at the cursor, so at most the unacknowledged
+batches are sent twice.
 When the size cap is hit the oldest segments are dropped whole (counted).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +53,9 @@ class DiskBuffer:
         ack = self.dir / "ack"
         if ack.exists():
             try:
-                d = json.loads(ack.read_text())
-                ack_seg, ack_off = int(d["segment"]), int(d["offset"])
-            except (ValueError, KeyError, TypeError):
+                seg_text, off_text = ack.read_text().split()[:2]
+                ack_seg, ack_off = int(seg_text), int(off_text)
+            except ValueError:
                 ack_seg, ack_off = 0, 0
         for seg in [s for s in self._sizes if s < ack_seg]:
             self._unlink(seg)
@@ -71,6 +71,7 @@ class DiskBuffer:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._repair_tail()
         self._rfds: dict[int, int] = {}
+        self._ack_fd: int | None = None
         self.pending_records = self._count_unacked()
         self.unread_records = self.pending_records
 
@@ -152,6 +153,11 @@ class DiskBuffer:
         self.unread_records += count
 
     def _drop_oldest(self, n: int) -> None:
+        if n >= len(self._sizes):  # the segment being written goes too: start the next one
+            os.close(self._fd)
+            self._cur += 1
+            self._sizes[self._cur] = 0
+            self._fd = os.open(self._path(self._cur), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         for seg in sorted(self._sizes)[:n]:
             start = self._ack[1] if seg == self._ack[0] else 0
             lost = 0
@@ -180,8 +186,10 @@ class DiskBuffer:
             self._read = (first, 0)
 
     def sync(self) -> None:
-        """fsync the segment being written (durability against power loss)."""
+        """fsync the segment being written and the ack record (power-loss durability)."""
         os.fsync(self._fd)
+        if self._ack_fd is not None:
+            os.fsync(self._ack_fd)
 
     def rewind(self) -> None:
         """Read again from the acknowledged cursor (after a failed send)."""
@@ -249,13 +257,18 @@ class DiskBuffer:
         self._write_ack()
 
     def _write_ack(self) -> None:
-        tmp = self.dir / "ack.tmp"
-        tmp.write_text(json.dumps({"segment": self._ack[0], "offset": self._ack[1]}))
-        os.replace(tmp, self.dir / "ack")
+        # one 40-byte record rewritten in place: a single small write is never torn by a
+        # process crash, and it costs no rename per batch
+        if self._ack_fd is None:
+            self._ack_fd = os.open(self.dir / "ack", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(self._ack_fd, f"{self._ack[0]} {self._ack[1]}".ljust(39).encode() + b"\n", 0)
 
     def close(self) -> None:
         """Close the files."""
         os.close(self._fd)
+        if self._ack_fd is not None:
+            os.close(self._ack_fd)
+            self._ack_fd = None
         for fd in self._rfds.values():
             os.close(fd)
         self._rfds.clear()

@@ -217,10 +217,13 @@ class Collector:
         except msgspec.DecodeError as exc:
             return self._refuse(400, "decode", f"cannot decode records: {exc}")
         rows = []
+        now = time.time()
         for rec in records:
+            if not rec.id:
+                return self._refuse(400, "decode", "a record has an empty id")
             ts = parse_ts(rec.ts)
-            if ts is None or not rec.id:
-                return self._refuse(400, "decode", f"record {rec.id!r}: bad id or ts {rec.ts!r}")
+            if ts is None:  # keep the record: index it at its arrival time
+                ts = now
             rows.append(
                 (
                     rec.id,

@@ -13,6 +13,9 @@ Example::
     backoff_initial = 0.5           # restart delays: initial * 2**n, capped
     backoff_max = 30.0
     passthrough = true              # echo the child's stdout/stderr on ours
+    fsync = true                    # fsync buffers before each position checkpoint
+    checkpoint_interval = 0.5       # seconds between file position checkpoints
+    drain_timeout = 5.0             # on exit, how long to keep delivering
 
     [labels]                        # more labels on every record
     env = "prod"
@@ -183,12 +186,15 @@ class SidecarOptions:
     stderr_parse: ParseOptions = field(default_factory=ParseOptions)
     files: tuple[FileInput, ...] = ()
     sinks: tuple[SinkOptions, ...] = ()
-    fsync: bool = False
+    fsync: bool = True
+    checkpoint_interval: float = 0.5
     drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.grace < 0:
             raise ConfigError("grace must be >= 0")
+        if self.checkpoint_interval < 0 or self.drain_timeout < 0:
+            raise ConfigError("checkpoint_interval and drain_timeout must be >= 0")
         if not self.sinks:
             raise ConfigError("configure at least one [[sinks]] entry")
         names = [s.name for s in self.sinks]
@@ -221,6 +227,7 @@ _PARSE_KEYS = {f for f in ParseOptions.__dataclass_fields__}
 _SIDECAR_KEYS = {
     "service", "instance", "host", "state_dir", "listen", "grace", "restart", "max_restarts",
     "backoff_initial", "backoff_max", "reset_after", "passthrough", "fsync", "drain_timeout",
+    "checkpoint_interval",
 }  # fmt: skip
 _BUFFER_KEYS = {"buffer_max_bytes", "batch_max_records", "batch_max_bytes", "batch_timeout"}
 _BACKOFF_KEYS = {"backoff_initial", "backoff_max"}
@@ -236,7 +243,7 @@ def _parse_opts(table: dict[str, Any], where: str) -> ParseOptions:
     opts = {k: v for k, v in table.items() if k in _PARSE_KEYS}
     try:
         return ParseOptions(**opts)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
@@ -309,6 +316,8 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
             sinks.append(SinkOptions(name, kind, s, buffer, backoff))
         except (ConfigError, ValueError, TypeError) as exc:
             raise ConfigError(f"{w}: {exc}") from exc
+    stdout_parse = _parse_opts(out_t, f"{where} [capture]")
+    stderr_parse = _parse_opts(err_t, f"{where} [capture]/[stderr]")
     try:
         return SidecarOptions(
             service=str(sc.get("service", "")),
@@ -322,16 +331,15 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
             passthrough=bool(sc.get("passthrough", True)),
             capture_stdout=bool(capture.get("stdout", True)),
             capture_stderr=bool(capture.get("stderr", True)),
-            stdout_parse=_parse_opts(out_t, f"{where} [stdout]"),
-            stderr_parse=_parse_opts(err_t, f"{where} [stderr]"),
+            stdout_parse=stdout_parse,
+            stderr_parse=stderr_parse,
             files=tuple(files),
             sinks=tuple(sinks),
-            fsync=bool(sc.get("fsync", False)),
+            fsync=bool(sc.get("fsync", True)),
+            checkpoint_interval=float(sc.get("checkpoint_interval", 0.5)),
             drain_timeout=float(sc.get("drain_timeout", 5.0)),
         )
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise ConfigError(f"{where}: {exc}") from exc
         raise ConfigError(f"{where}: {exc}") from exc
 
 

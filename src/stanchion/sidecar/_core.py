@@ -378,6 +378,14 @@ _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d
 _LEVEL_CACHE = {k: v for k, v in _LEVELS.items()} | {k.upper(): v for k, v in _LEVELS.items()}
 _LEVEL_CACHE |= {k.capitalize(): v for k, v in _LEVELS.items()}
 
+
+def _is_rfc3339(value: str) -> bool:
+    # the common "....-..-..T..:..:..(.fff)Z" shape without the regex, else the regex
+    if len(value) >= 20 and value[-1] == "Z" and value[10] == "T" and value[4] == "-":
+        return value[:4].isdigit() and value[11:13].isdigit() and value[17:19].isdigit()
+    return _RFC3339.match(value) is not None
+
+
 Parsed = tuple[float | str | None, str, str, dict[str, Any]]
 """``(ts, level, message, fields)``: ``ts`` is RFC 3339 text, epoch seconds or None."""
 
@@ -610,11 +618,12 @@ class BufferPolicy:
     def segments_to_drop(self, segment_sizes: Sequence[int], incoming: int) -> int:
         """How many of the oldest segments to drop so ``incoming`` bytes fit the cap.
 
-        The newest segment (being written) is never dropped.
+        All of them when needed (the writer then starts a fresh segment); only an
+        append larger than the cap by itself can exceed it.
         """
         total = sum(segment_sizes) + incoming
         n = 0
-        while total > self.max_bytes and n < len(segment_sizes) - 1:
+        while total > self.max_bytes and n < len(segment_sizes):
             total -= segment_sizes[n]
             n += 1
         return n
@@ -910,8 +919,9 @@ class TailTracker:
                         0, original.identity, True,
                     )  # fmt: skip
                     if st.size > original.offset:
-                        plans.append(
-                            ReadPlan(original, st.path, st.inode, original.offset, final=True)
+                        # older than anything else planned: read it first, in order
+                        plans.insert(
+                            0, ReadPlan(original, st.path, st.inode, original.offset, final=True)
                         )
                 # else: a copy made ahead of its original's truncate: wait for the truncate,
                 # when _find_copy reads it (see the essay on top)

@@ -56,6 +56,7 @@ from stanchion.sidecar._sinks import Sink, SinkRejected, make_sink
 __all__ = ["Sidecar"]
 
 log = get_logger("stanchion.sidecar")
+_PIPE_READ = 65536  # one pipe's worth: bounds what a SIGKILL can catch in flight
 _encode_lines = msgspec.json.Encoder().encode_lines
 
 
@@ -161,6 +162,7 @@ class Sidecar:
         self._trackers: dict[str, TailTracker] = {}
         self._dropped_seen: dict[str, int] = {}
         self._truncated_seen = 0
+        self._last_checkpoint = 0.0
 
     # -- records into buffers
 
@@ -247,8 +249,9 @@ class Sidecar:
         """Move the pipe's bytes straight into the buffers (no user-space read-ahead).
 
         The read callback reads, parses and appends in one step, so the only bytes
-        a SIGKILL of the sidecar can lose are those still in the kernel's pipe (and a
-        partial last line or an open multiline record).
+        a SIGKILL of the sidecar can lose are those still in the kernel's pipe, plus at
+        most the one read (<= 64 KiB, one pipe's worth) being moved into the buffer at
+        that instant, and a partial last line or an open multiline record.
         """
         parse = self.opts.stdout_parse if stream == "stdout" else self.opts.stderr_parse
         pipeline = Pipeline(parse.parser(), stream, {**self.labels, "stream": stream})
@@ -260,7 +263,7 @@ class Sidecar:
 
         def on_readable() -> None:
             try:
-                data = os.read(fd, 1 << 18)
+                data = os.read(fd, _PIPE_READ)
             except BlockingIOError:
                 return
             except OSError:
@@ -326,7 +329,13 @@ class Sidecar:
         while True:
             run_id = uuid.uuid4().hex[:12]
             started = time.monotonic()
-            proc, fds = await self._spawn()
+            try:
+                proc, fds = await self._spawn()
+            except OSError as exc:
+                # like a shell: 127 command not found, 126 not executable
+                log.error("sidecar.spawn_failed", argv=self.argv, error=str(exc))
+                print(f"stanchion sidecar: cannot start {self.argv[0]!r}: {exc}", file=sys.stderr)
+                return 127 if isinstance(exc, FileNotFoundError) else 126
             self.proc = proc
             self.m_child_up.set(1)
             log.info("sidecar.child_started", pid=proc.pid, argv=self.argv, run=run_id)
@@ -382,9 +391,20 @@ class Sidecar:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _save_positions(self) -> None:
+    def _save_positions(self, force: bool = False) -> None:
+        """Checkpoint file positions (every ``checkpoint_interval`` s, or now if ``force``).
+
+        Records are in the buffers before their positions are saved; with ``fsync``
+        the buffers are fsynced first, so a checkpoint never covers data a power
+        loss could take. Between checkpoints a crash re-reads (and re-sends, with
+        the same ids) at most ``checkpoint_interval`` seconds of lines.
+        """
         if not self._trackers:
             return
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < self.opts.checkpoint_interval:
+            return
+        self._last_checkpoint = now
         if self.opts.fsync:
             for r in self.runners:
                 r.buffer.sync()
@@ -527,7 +547,7 @@ class Sidecar:
             if self._stop.is_set() and not active and (self.proc is None or self._child_done()):
                 for s in streams.values():
                     self._ingest(s.flush(time.time()), inp.name)
-                self._save_positions()
+                self._save_positions(force=True)
                 for fd, _ in fds.values():
                     os.close(fd)
                 return
@@ -642,7 +662,7 @@ class Sidecar:
                 t.cancel()
             await asyncio.gather(*tails, return_exceptions=True)
             with contextlib.suppress(Exception):
-                self._save_positions()
+                self._save_positions(force=True)
             self._draining.set()
             for r in self.runners:
                 r.wake.set()

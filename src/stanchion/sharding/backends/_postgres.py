@@ -51,7 +51,7 @@ def _map_error(exc: BaseException, where: str) -> BaseException:
         return ShardMapChanged(
             "the shard map changed (a reshard is cutting over); reload the map and retry"
         )
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or "not currently accepting connections" in str(exc):
         return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}", url=where)
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         return BackendError(f"{where}: {exc}")

@@ -52,7 +52,10 @@ def _map_error(exc: BaseException, where: str) -> BaseException:
     if isinstance(exc, sqlite3.IntegrityError):
         return ConflictError(f"{where}: {exc}")
     if isinstance(exc, sqlite3.OperationalError) and (
-        "unable to open" in msg or "disk I/O" in msg or "readonly" in msg
+        "unable to open" in msg
+        or "disk I/O" in msg
+        or "readonly" in msg
+        or "database is locked" in msg  # the busy timeout ran out: the shard did not answer
     ):
         return BackendUnavailable(f"{where}: {exc}", url=where)
     if isinstance(exc, sqlite3.Error):
