@@ -41,7 +41,7 @@ SHARDS = [f"s{i}" for i in range(10)]
 
 
 def bench_lookups(n_keys: int) -> list[tuple[str, float]]:
-    from uhashring import HashRing as UHashRing
+    from uhashring import HashRing as UHashRing  # type: ignore[import-untyped]
 
     keys = [f"user-{i}" for i in range(n_keys)]
     int_keys = list(range(n_keys))
@@ -90,16 +90,37 @@ def bench_movement(n_keys: int) -> list[tuple[str, float, float, float]]:
     return rows
 
 
+PG_ADMIN: list[str | None] = [None]  # the server to create databases on (None: the shared one)
+
+
 async def _pg_databases(names: list[str]) -> tuple[dict[str, str], Callable[[], None]]:
     from stanchion.testing.services import create_postgres_database, drop_postgres_database
 
-    urls = {n: await asyncio.to_thread(create_postgres_database, n) for n in names}
+    admin = PG_ADMIN[0]
+    urls = {n: await asyncio.to_thread(create_postgres_database, n, admin) for n in names}
 
     def drop() -> None:
         for n in names:
-            drop_postgres_database(n)
+            drop_postgres_database(n, admin)
 
     return urls, drop
+
+
+async def _own_postgres(root: str) -> Any:
+    """A throwaway PostgreSQL server, so other users of the shared one do not skew figures."""
+    from pathlib import Path
+
+    from stanchion.testing.servers import postgres_server
+    from stanchion.testing.services import create_postgres_database
+
+    server = await asyncio.to_thread(postgres_server, Path(root) / "pg")
+    for _ in range(150):  # the port opens before the server accepts connections
+        try:
+            await asyncio.to_thread(create_postgres_database, "bench_probe", server.url)
+            break
+        except Exception:
+            await asyncio.sleep(0.2)
+    return server
 
 
 SCHEMA_PG = "CREATE TABLE IF NOT EXISTS users (user_id bigint PRIMARY KEY, name text NOT NULL)"
@@ -276,6 +297,18 @@ async def amain(args: argparse.Namespace) -> None:
         print(f"| {name} | {moved:.2%} | {moved / (1 / 11):.3f}x | {l10:.3f} | {l11:.3f} |")
     print()
     backends = ["sqlite"] + ([] if args.no_postgres else ["postgresql"])
+    server = None
+    if not args.no_postgres and not args.shared_postgres:
+        server = await _own_postgres(tempfile.mkdtemp(prefix="bench-pg-"))
+        PG_ADMIN[0] = server.url
+    try:
+        await _tables(args, backends)
+    finally:
+        if server is not None:
+            server.kill()
+
+
+async def _tables(args: argparse.Namespace, backends: list[str]) -> None:
     n = 100
     rounds = 20 if args.quick else 60
     print(
@@ -312,6 +345,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller runs")
     p.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    p.add_argument(
+        "--shared-postgres",
+        action="store_true",
+        help="use $STANCHION_POSTGRES_URL instead of a throwaway server",
+    )
     asyncio.run(amain(p.parse_args()))
 
 

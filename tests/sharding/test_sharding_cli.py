@@ -39,6 +39,8 @@ def test_status_and_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "version:" in out and "HashRing" in out and "users (key region)" in out
     assert "reshard:   none" in out
+    assert main(["shard", "--map", store, "status", "--json"]) == 0  # --map first works too
+    assert json.loads(capsys.readouterr().out)["tables"] == {"users": "region"}
     s4 = f"sqlite:///{tmp_path / 's4.db'}"
     assert main(["shard", "plan", "--map", store, "--add", f"s4={s4}", "--json"]) == 0
     moves = json.loads(capsys.readouterr().out)

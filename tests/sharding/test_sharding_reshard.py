@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from stanchion.errors import ReshardError, ShardMapChanged, UnknownShard
+from stanchion.errors import ConfigError, ReshardError, ShardMapChanged, UnknownShard
 from stanchion.sharding import (
+    Directory,
     HashRing,
+    Rendezvous,
     ReshardProgress,
     RouterOptions,
     ShardedDatabase,
@@ -202,6 +204,7 @@ async def test_abort_before_cutover_changes_nothing(shard_env: ShardEnv) -> None
         assert status is not None and status.phase == "copy"
         with pytest.raises(ReshardError, match="in progress"):
             await db.reshard(db.shard_map.strategy.add("s5"), urls={"s5": urls["s4"]})
+        assert b"stanchion_reshard_rows_copied" in db.metrics.render()
         result = await db.abort_reshard()
         assert result.phase == "aborted"
         assert await db.reshard_status() is None
@@ -215,6 +218,8 @@ async def test_abort_before_cutover_changes_nothing(shard_env: ShardEnv) -> None
             await db.resume_reshard()
         with pytest.raises(UnknownShard, match="s9"):
             await db.reshard(HashRing(["s1", "s2", "s3", "s9"]))
+        with pytest.raises(ConfigError, match="another URL"):
+            await db.reshard(db.shard_map.strategy.add("s4"), urls={"s1": urls["s4"]})
         await db.execute(1, "UPDATE users SET score = 5 WHERE user_id = :k", {"k": 1})
     finally:
         await db.close()
@@ -231,6 +236,8 @@ _CHILD = textwrap.dedent(
 
         def report(p):
             print(p.phase, p.rows_copied, flush=True)
+            if p.phase == "copy" and p.rows_copied >= 30:
+                sys.stdin.readline()  # hold here, midway through the copy, until killed
 
         await db.reshard(new, urls={"s4": url}, batch_size=10, on_progress=report)
 
@@ -251,6 +258,7 @@ async def test_reshard_killed_with_sigkill_then_resumed(shard_env: ShardEnv) -> 
         _CHILD,
         shard_env.store,
         urls["s4"],
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -293,5 +301,91 @@ async def test_reshard_killed_with_sigkill_then_resumed(shard_env: ShardEnv) -> 
         assert (await db.fetch_one(7, "SELECT score FROM users WHERE user_id = :k", {"k": 7})) == {
             "score": 70
         }
+    finally:
+        await db.close()
+
+
+async def test_remove_a_shard_and_move_between_existing_shards(shard_env: ShardEnv) -> None:
+    urls = shard_env.urls("s1", "s2", "s3")
+    db = await ShardedDatabase.connect(
+        ShardMap(Rendezvous(list(urls)), urls, store=shard_env.store),
+        tables={"users": "user_id"},
+        schema=users_schema(shard_env.scheme),
+    )
+    try:
+        await _bulk(db, list(range(400)))
+        done = await db.reshard(Rendezvous(["s1", "s2"]), grace=0)
+        assert done.phase == "done"
+        by_shard = await _rows_by_shard(urls)
+        assert by_shard["s3"] == {}
+        assert sorted(k for rows in by_shard.values() for k in rows) == list(range(400))
+        assert db.shards == ("s1", "s2")
+        await db.close()
+        # a directory move between two shards that both stay (another map, same store)
+        regions = Directory({"eu": "s1", "us": "s2", "asia": "s2"})
+        two = {k: urls[k] for k in ("s1", "s2")}
+        db = await ShardedDatabase.connect(
+            ShardMap(regions, two, store=shard_env.store + "?name=regions"),
+            tables={"people": "region"},
+            schema=["CREATE TABLE IF NOT EXISTS people (id INTEGER PRIMARY KEY, region TEXT)"],
+        )
+        for i, region in enumerate(["eu", "us", "asia", "eu", "us"] * 20):
+            await db.execute(region, "INSERT INTO people VALUES (:i, :r)", {"i": i, "r": region})
+        done = await db.reshard(regions.assign("eu", "s2"), grace=0)
+        assert db.shard_for("eu") == "s2" and done.rows_copied == 40
+        res = await db.fetch_all("SELECT id, region FROM people")
+        assert len(res.rows) == 100
+        s1 = await open_shard(urls["s1"])
+        assert await s1.fetch("SELECT count(*) AS n FROM people") == [{"n": 0}]
+        await s1.close()
+    finally:
+        await db.close()
+
+
+class Crash(BaseException):
+    """Stands for the resharding process dying at a chosen step."""
+
+
+async def test_resume_after_crashes_in_pause_and_cleanup(shard_env: ShardEnv) -> None:
+    urls = shard_env.urls("s1", "s2", "s3", "s4")
+    old_urls = {k: urls[k] for k in ("s1", "s2", "s3")}
+    db = await _connect(shard_env, old_urls, options=RouterOptions(pause_timeout=0.3))
+    try:
+        await _bulk(db, list(range(200)))
+        new = db.shard_map.strategy.add("s4")
+
+        def crash_in(phase: str) -> Any:
+            def report(p: ReshardProgress) -> None:
+                if p.phase == phase:
+                    raise Crash(phase)
+
+            return report
+
+        with pytest.raises(Crash):
+            await db.reshard(new, urls={"s4": urls["s4"]}, on_progress=crash_in("pause"))
+        old = HashRing(["s1", "s2", "s3"])
+        moving = next(k for k in range(200) if old.shard_for(k) != new.shard_for(k))
+        staying = next(k for k in range(200) if old.shard_for(k) == new.shard_for(k))
+        # the pause holds writes to moving keys only
+        await db.execute(staying, "UPDATE users SET score = 1 WHERE user_id = :k", {"k": staying})
+        with pytest.raises(ReshardError, match="paused"):
+            await db.execute(moving, "UPDATE users SET score = 1 WHERE user_id = :k", {"k": moving})
+        assert (
+            await db.fetch_one(moving, "SELECT score FROM users WHERE user_id = :k", {"k": moving})
+        ) == {"score": 0}  # reads are served during the pause
+        with pytest.raises(Crash):
+            await db.resume_reshard(on_progress=crash_in("cleanup"))
+        assert db.shard_for(moving) == new.shard_for(moving)  # cut over
+        with pytest.raises(ReshardError, match="cut over"):
+            await db.abort_reshard()
+        await db.execute(moving, "UPDATE users SET score = 2 WHERE user_id = :k", {"k": moving})
+        done = await db.resume_reshard(grace=0)
+        assert done.phase == "done"
+        by_shard = await _rows_by_shard(urls)
+        assert sorted(k for rows in by_shard.values() for k in rows) == list(range(200))
+        for shard, rows in by_shard.items():
+            assert all(new.shard_for(k) == shard for k in rows)
+        assert by_shard[new.shard_for(moving)][moving][1] == 2
+        assert by_shard[new.shard_for(staying)][staying][1] == 1
     finally:
         await db.close()

@@ -196,8 +196,10 @@ def test_directory() -> None:
     assert d.shard_for("eu") == "s1"
     with pytest.raises(UnknownShard, match="not in the directory"):
         d.shard_for("mars")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="float"):
         d.shard_for(1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list"):
+        d.shard_for(["eu"])  # type: ignore[arg-type]
     d4 = d.add("s4").assign("asia", "s4")
     assert d4.shards == ("s1", "s2", "s3", "s4")
     moves = plan_reshard(d, d4)
@@ -233,3 +235,26 @@ def test_unknown_and_duplicate_shards() -> None:
         Rendezvous(["a", "b"]).remove("zzz")
     with pytest.raises(ConfigError, match="unknown strategy"):
         strategy_from_dict({"type": "nope"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    mapping=st.dictionaries(st.text(min_size=1, max_size=6), st.sampled_from(["a", "b", "c"])),
+    moved=st.text(min_size=1, max_size=6),
+    probe=st.text(max_size=6),
+)
+def test_directory_moves_only_reassigned_keys(
+    mapping: dict[str, str], moved: str, probe: str
+) -> None:
+    d = Directory(mapping, default="a", shards=["a", "b", "c"])  # type: ignore[arg-type]
+    assert strategy_from_dict(d.to_dict()).shard_for(probe) == d.shard_for(probe)
+    grown = d.add("d").assign(moved, "d")
+    for key in [*mapping, probe]:
+        if key != moved:
+            assert grown.shard_for(key) == d.shard_for(key)
+    assert grown.shard_for(moved) == "d"
+    shrunk = grown.remove("d", to="b")
+    for key in [*mapping, probe]:
+        if key != moved:
+            assert shrunk.shard_for(key) == d.shard_for(key)
+    assert shrunk.shard_for(moved) == "b"

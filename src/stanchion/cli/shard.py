@@ -33,6 +33,7 @@ falls back to $STANCHION_SHARD_MAP.
 def _build() -> argparse.ArgumentParser:
     p = _util.parser("shard", _DESCRIPTION)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--map", dest="map_global", default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="action", metavar="{status,plan,reshard,resume,abort}")
 
     def common(name: str, help_: str) -> argparse.ArgumentParser:
@@ -238,6 +239,7 @@ def main(argv: list[str]) -> int:
     if not args.action:
         parser.print_help(sys.stderr)
         return 2
+    args.map = args.map_global or args.map
     if not args.map:
         parser.error("--map URL is required (or set STANCHION_SHARD_MAP)")
     return _util.run(_main(args, parser))

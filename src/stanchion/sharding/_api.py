@@ -150,14 +150,19 @@ class Transaction:
         self.key = key
         self.shard = shard
 
+    def _check(self, sql: str, params: Params) -> None:
+        info = self._db._info(sql)
+        if info.sharded and isinstance(params, Mapping):
+            self._db._check_key_param(self.key, self.shard, info, params, self._db._map.state)
+
     async def execute(self, sql: str, params: Params = None) -> int:
         """Run a statement in the transaction; return the rows changed."""
-        self._db._info(sql)
+        self._check(sql, params)
         return await self._tx.execute(sql, params)
 
     async def fetch(self, sql: str, params: Params = None) -> list[Row]:
         """Run a query in the transaction; return its rows."""
-        self._db._info(sql)
+        self._check(sql, params)
         return await self._tx.fetch(sql, params)
 
     async def fetch_one(self, sql: str, params: Params = None) -> Row | None:
@@ -173,6 +178,16 @@ class ShardedDatabase:
     and its own circuit breaker (from :mod:`stanchion.resilience`): a shard
     that is down fails fast with :class:`~stanchion.errors.ShardUnavailable`
     while the others keep serving.
+
+    Consistency during a reshard: writes are never lost (a write routed by an
+    outdated map is rejected by the shard's fence and retried by the router;
+    a :meth:`transaction` that meets a cutover raises
+    :class:`~stanchion.errors.ShardMapChanged`, retry it). Reads are not
+    fenced: a router that has not yet reloaded the map (at most
+    ``refresh_interval`` seconds) may read a moved key from its old shard;
+    the old copies are kept for a grace period after the cutover for that
+    reason. PostgreSQL sessions are not reset between uses of a pooled
+    connection (no ``RESET ALL``): prefer ``SET LOCAL`` inside transactions.
 
     .. versionadded:: 0.1
     """
@@ -286,6 +301,12 @@ class ShardedDatabase:
         await self._map.close()
 
     # -- introspection ------------------------------------------------------------
+
+    @property
+    def metrics(self) -> Metrics:
+        """The router's Prometheus metrics (queries and outages per shard, map
+        version, reshard progress; breakers register in the same registry)."""
+        return self._metrics
 
     @property
     def shard_map(self) -> ShardMap:
@@ -461,7 +482,9 @@ class ShardedDatabase:
             self._failures.labels(name).inc()
             raise ShardUnavailable({name: exc}) from exc
 
-    async def _routed(self, key: Key, sql: str, op: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
+    async def _routed(
+        self, key: Key, sql: str, params: Params, op: str, fn: Callable[[Shard], Awaitable[T]]
+    ) -> T:
         info = self._cache.get(sql)
         if info is None or info.missing_key is not None or (info.writes and info.reference):
             info = self._info(sql)
@@ -472,11 +495,33 @@ class ShardedDatabase:
             else:
                 name = st.strategy.shard_for(key)
                 _ROUTING.set(st.version)
+            if info.sharded and isinstance(params, Mapping):
+                self._check_key_param(key, name, info, params, st)
             try:
                 return await self._call(name, op, fn)
             except ShardMapChanged:
                 await self.refresh()
         raise ShardMapChanged("the shard map kept changing; retry", version=self._map.version)
+
+    @staticmethod
+    def _check_key_param(
+        key: Key, name: str, info: StatementInfo, params: Mapping[str, Any], st: MapState
+    ) -> None:
+        # ``execute(5, "... WHERE user_id = :user_id", {"user_id": 6})`` would
+        # write key 6's row on key 5's shard: refuse it when the two disagree.
+        for table in info.sharded:
+            col = st.tables[table]
+            if col in params:
+                value = params[col]
+                try:
+                    other = st.strategy.shard_for(value)
+                except (TypeError, ConfigError):
+                    continue
+                if other != name:
+                    raise ConfigError(
+                        f"routing key {key!r} belongs to shard {name!r} but the statement's "
+                        f"{col}={value!r} belongs to {other!r}; pass the row's key"
+                    )
 
     async def execute(self, key: Key, sql: str, params: Params = None) -> int:
         """Run a statement on the shard that owns ``key``; return the rows changed.
@@ -490,11 +535,11 @@ class ShardedDatabase:
             ShardKeyRequired: the statement uses a sharded table without its key.
             ShardUnavailable: the shard is down or its breaker is open.
         """
-        return await self._routed(key, sql, "execute", lambda s: s.execute(sql, params))
+        return await self._routed(key, sql, params, "execute", lambda s: s.execute(sql, params))
 
     async def fetch(self, key: Key, sql: str, params: Params = None) -> list[Row]:
         """Run a query on the shard that owns ``key``; return its rows as dicts."""
-        return await self._routed(key, sql, "fetch", lambda s: s.fetch(sql, params))
+        return await self._routed(key, sql, params, "fetch", lambda s: s.fetch(sql, params))
 
     async def fetch_one(self, key: Key, sql: str, params: Params = None) -> Row | None:
         """The first row of :meth:`fetch`, or ``None``."""

@@ -708,7 +708,10 @@ class Directory(Strategy):
             TypeError: wrong key type.
             UnknownShard: the key is unmapped and there is no default.
         """
-        shard = self._map.get(key)
+        try:
+            shard = self._map.get(key)
+        except TypeError:  # unhashable: let encode_key name the type
+            shard = None
         if shard is not None and type(key) is not bool:
             return shard
         encode_key(key)

@@ -174,8 +174,13 @@ class Resharder:
         self._report()
 
     def _report(self) -> None:
+        p = progress_of(self.state)
+        m = self.db._metrics
+        m.gauge("reshard_rows_copied", "Rows copied by the running reshard").set(p.rows_copied)
+        m.gauge("reshard_lag", "Change-log entries the running reshard has not applied").set(p.lag)
+        m.gauge("reshard_rows_deleted", "Old copies removed by the reshard").set(p.rows_deleted)
         if self._on_progress is not None:
-            self._on_progress(progress_of(self.state))
+            self._on_progress(p)
 
     async def _set_map(self, new: MapState, state: dict[str, Any] | None) -> None:
         if state is not None:
@@ -207,6 +212,12 @@ class Resharder:
             raise ReshardError(
                 f"a reshard is already in progress (phase {phase}); "
                 "run resume_reshard() or abort_reshard() first"
+            )
+        moved = [n for n, u in urls.items() if n in st.urls and st.urls[n] != u]
+        if moved:
+            raise ConfigError(
+                f"shard(s) {moved} already exist with another URL; a reshard adds shards, "
+                "it does not repoint them (use ShardMap.update() after a failover)"
             )
         new_urls: dict[str, str] = {}
         for name in new_strategy.shards:

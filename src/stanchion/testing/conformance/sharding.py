@@ -271,6 +271,11 @@ class TestShardingConformance:
                 await db.execute(1, "INSERT INTO users (name) VALUES ('x')")
             with pytest.raises(ShardKeyRequired):
                 await db.fetch(1, "SELECT * FROM users")
+            k5, other = 5, next(k for k in range(100) if db.shard_for(k) != db.shard_for(5))
+            with pytest.raises(ConfigError, match="belongs to"):
+                await db.execute(
+                    k5, "UPDATE users SET name = 'x' WHERE user_id = :user_id", {"user_id": other}
+                )
             with pytest.raises(ConfigError, match="execute_all"):
                 await db.execute(1, "INSERT INTO regions (code, name) VALUES ('eu', 'E')")
             with pytest.raises(UnknownShard):
