@@ -199,7 +199,7 @@ class ProjectionRunner:
         self._token: int | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._pending_since: float | None = None
-        self._set_up: set[bool] = set()
+        self._route_cache = {}
         self.log = (logger or get_logger("stanchion.cqrs")).bind(projection=self.name)
         m = metrics or Metrics()
         self.metrics = m
@@ -443,8 +443,11 @@ class ProjectionRunner:
 
     async def _apply(self, event: Any, tx: Transaction) -> None:
         tx.event = event
-        type_name = str(event.type)
-        route = self.projection.route(type_name)
+        type_name = event.type
+        try:
+            route = self._route_cache[type_name]
+        except KeyError:
+            route = self._route_cache[type_name] = self.projection.route(type_name)
         if route is None:
             if self.projection.known(type_name) or self.projection.skip_unknown:
                 return
@@ -520,6 +523,7 @@ class ProjectionRunner:
 
     _shadow_cp: int = NO_POSITION
     _lease: Any = None
+    _route_cache: dict[str, Any]
 
     def _advance(self, position: int, *, force: bool = False) -> None:
         if position > self._checkpoint or force:
