@@ -389,6 +389,8 @@ class ProjectionRunner:
                         raise _LeadershipGone("lease expired before commit")
                     await self._commit(events, token, shadow=False)
                     self._update_lag(queue)
+                    if not queue.empty():
+                        await self._refresh_lag()
                 if stop is not None:
                     if stop.error is not None:
                         raise stop.error
@@ -524,6 +526,7 @@ class ProjectionRunner:
     _shadow_cp: int = NO_POSITION
     _lease: Any = None
     _route_cache: dict[str, Any]
+    _lag_checked: float = 0.0
 
     def _advance(self, position: int, *, force: bool = False) -> None:
         if position > self._checkpoint or force:
@@ -532,9 +535,20 @@ class ProjectionRunner:
         self._progress.set()
         self._progress = asyncio.Event()
 
+    async def _refresh_lag(self) -> None:
+        """At most once a second during catch-up: events behind the store's head."""
+        now = time.monotonic()
+        if now - self._lag_checked < 1.0:
+            return
+        self._lag_checked = now
+        with contextlib.suppress(Exception):
+            head = await head_position(self.store)
+            if head is not None:
+                self._m_lag_events.set(max(0, head - self._checkpoint))
+
     def _update_lag(self, queue: asyncio.Queue[Any]) -> None:
         waiting = queue.qsize()
-        self._m_lag_events.set(waiting)
+        self._m_lag_events.set(waiting)  # a lower bound; _refresh_lag sets the exact figure
         if waiting == 0:
             self._pending_since = None
             self._m_lag_seconds.set(0.0)
