@@ -187,13 +187,30 @@ class EventStore:
     # -- reading ------------------------------------------------------------
 
     def _recorded(self, row: Row) -> RecordedEvent:
-        data: Any = row.data if row.raw else _decode(row.data)
-        meta: dict[str, Any] = _decode(row.metadata) if row.metadata else {}
+        data: Any = row[5] if row[6] else _decode(row[5])
+        meta: dict[str, Any] = _decode(row[7]) if row[7] else {}
         if self._upcasters:
-            meta, data = self._upcasters.upcast(row.type, meta, data)
-        return RecordedEvent(
-            row.stream, row.version, row.position, row.id, row.type, data, meta, row.recorded_at
-        )
+            meta, data = self._upcasters.upcast(row[4], meta, data)
+        return RecordedEvent(row[0], row[1], row[2], row[3], row[4], data, meta, row[8])
+
+    def _page(self, rows: list[Row]) -> list[RecordedEvent]:
+        """Decode a page of rows (the hot loop of reads: no per-row method call)."""
+        if self._upcasters:
+            return [self._recorded(r) for r in rows]
+        dec = _decode
+        return [
+            RecordedEvent(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5] if r[6] else dec(r[5]),
+                dec(r[7]) if r[7] else {},
+                r[8],
+            )
+            for r in rows
+        ]
 
     async def stream_version(self, stream: str) -> int:
         """The version of the stream's last event; -1 when it has none.
@@ -238,13 +255,13 @@ class EventStore:
         while remaining is None or remaining > 0:
             page = self.PAGE if remaining is None else min(self.PAGE, remaining)
             rows = await self._backend.read_stream(stream, version, backwards, page)
-            for row in rows:
-                yield self._recorded(row)
+            for recorded in self._page(rows):
+                yield recorded
             if len(rows) < page:
                 return
             if remaining is not None:
                 remaining -= len(rows)
-            version = rows[-1].version + (-1 if backwards else 1)
+            version = rows[-1][1] + (-1 if backwards else 1)
             if version < 0:
                 return
 
@@ -273,13 +290,13 @@ class EventStore:
         while remaining is None or remaining > 0:
             page = self.PAGE if remaining is None else min(self.PAGE, remaining)
             rows = await self._backend.read_all(position, page, wanted)
-            for row in rows:
-                yield self._recorded(row)
+            for recorded in self._page(rows):
+                yield recorded
             if len(rows) < page:
                 return
             if remaining is not None:
                 remaining -= len(rows)
-            position = rows[-1].position + 1
+            position = rows[-1][2] + 1
 
     async def subscribe(
         self, from_position: int = 0, *, types: Sequence[str] | None = None
@@ -294,8 +311,8 @@ class EventStore:
         """
         wanted = None if types is None else list(types)
         async for rows in self._backend.subscribe(from_position, wanted, self.PAGE):
-            for row in rows:
-                yield self._recorded(row)
+            for recorded in self._page(rows):
+                yield recorded
 
     def __repr__(self) -> str:
         return f"EventStore({self.url!r})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeAlias
 from uuid import UUID
 
 from stanchion.eventsourcing._core import AppendResult
@@ -30,18 +30,11 @@ class EncodedEvent(NamedTuple):
     metadata: bytes | None  # JSON, None for an empty dict
 
 
-class Row(NamedTuple):
-    """A stored event as a backend returns it."""
+Row: TypeAlias = tuple[str, int, int, UUID, str, bytes, bool, "bytes | None", datetime]
+"""A stored event as a backend returns it (a plain tuple: reads build 100,000s of them):
+``(stream, version, position, id, type, data, raw, metadata, recorded_at)``."""
 
-    stream: str
-    version: int
-    position: int
-    id: UUID
-    type: str
-    data: bytes
-    raw: bool
-    metadata: bytes | None
-    recorded_at: datetime
+STREAM, VERSION, POSITION, ID, TYPE, DATA, RAW, METADATA, RECORDED_AT = range(9)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,7 @@ class NewEvent(msgspec.Struct, frozen=True):
     id: UUID = msgspec.field(default_factory=_new_id)
 
 
-class RecordedEvent(msgspec.Struct, frozen=True):
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     """An event as stored, read back from a stream, the global log or a subscription.
 
     Attributes:
@@ -164,7 +164,7 @@ class RecordedEvent(msgspec.Struct, frozen=True):
         return None if value is None else str(value)
 
 
-class AppendResult(msgspec.Struct, frozen=True):
+class AppendResult(msgspec.Struct, frozen=True, gc=False):
     """What an append wrote: the stream versions and global positions of its events.
 
     .. versionadded:: 0.1

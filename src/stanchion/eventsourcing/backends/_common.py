@@ -52,9 +52,9 @@ async def ordered_subscribe(
         wake.clear()
         rows = await read_all(next_position, batch, None)
         if rows:
-            next_position = rows[-1].position + 1
+            next_position = rows[-1][2] + 1
             if wanted is not None:
-                rows = [r for r in rows if r.type in wanted]
+                rows = [r for r in rows if r[4] in wanted]
             if rows:
                 yield rows
             if len(rows) >= batch:

@@ -76,9 +76,7 @@ class MemoryBackend:
             raise StreamDeleted(stream)
         rows = log.streams.get(stream)
         current = len(rows) - 1 if rows else -1
-        stored = [
-            Stored(r.id, r.stream, r.version, r.position) for i in ids if (r := log.ids.get(i))
-        ]
+        stored = [Stored(r[3], r[0], r[1], r[2]) for i in ids if (r := log.ids.get(i))]
         replay = decide_replay(stream, ids, stored)
         if replay is not None:
             return replay
@@ -88,7 +86,7 @@ class MemoryBackend:
         now = datetime.now(UTC)
         first = len(log.events) + 1
         for offset, e in enumerate(events):
-            row = Row(
+            row: Row = (
                 stream, current + 1 + offset, first + offset, e.id, e.type, e.data, e.raw,
                 e.metadata, now,
             )  # fmt: skip
@@ -119,7 +117,7 @@ class MemoryBackend:
         wanted = frozenset(types)
         out: list[Row] = []
         for row in self._log.events[start:]:
-            if row.type in wanted:
+            if row[4] in wanted:
                 out.append(row)
                 if len(out) >= limit:
                     break

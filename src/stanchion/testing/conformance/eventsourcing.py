@@ -469,6 +469,18 @@ async def test_snapshots_never_hide_later_events(store: EventStore) -> None:
     plain = await Repository(store, Account).load("snap")
     assert (plain.balance, plain.version, plain.applied) == (111, 12, 13)
 
+    # a changed state shape (snapshot_schema bumped) ignores old snapshots and replays
+    class AccountV2(Account):
+        stream_category = "Account"
+        snapshot_schema = 2
+
+    again = await Repository(store, AccountV2, snapshot_every=5).load("snap")
+    assert (again.balance, again.version, again._replayed) == (111, 12, 13)
+    # a tombstoned aggregate cannot be loaded
+    await store.delete_stream("Account-snap")
+    with pytest.raises(StreamDeleted):
+        await repo.load("snap")
+
 
 async def test_upcasters(backend_url: str) -> None:
     async with await EventStore.connect(backend_url) as old:
