@@ -7,14 +7,14 @@ import pytest
 from stanchion.testing.conformance.pubsub import *  # noqa: F403
 from stanchion.testing.pytest_plugin import backend_params
 
-BACKENDS = ("memory", "sqlite", "redis", "nats")
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "mqtt")
+
+# The shared Redis does not persist: the warning is asserted in tests/pubsub.
+pytestmark = pytest.mark.filterwarnings("ignore:Redis at .* does not persist:RuntimeWarning")
 
 
 @pytest.fixture(params=backend_params(*BACKENDS))
 def backend_url(request: pytest.FixtureRequest) -> str:
     scheme = request.param
-    return str(request.getfixturevalue(f"{scheme}_url"))
-
-
-# The shared Redis does not persist: the warning is asserted in tests/pubsub.
-pytestmark = pytest.mark.filterwarnings("ignore:Redis at .* does not persist:RuntimeWarning")
+    fixture = "pubsub_amqp_url" if scheme == "amqp" else f"{scheme}_url"
+    return str(request.getfixturevalue(fixture))

@@ -75,6 +75,26 @@ class Router:
 
         return deco
 
+    def publisher(self, topic: str) -> Callable[[Handler], Handler]:
+        """Decorator: publish the handler's non-None return value to ``topic``.
+
+        Stack it under (or over) :meth:`subscriber`, as in FastStream::
+
+            @router.subscriber("readings", group="alerting")
+            @router.publisher("alerts")
+            async def check(msg: Message) -> dict | None: ...
+        """
+        validate_topic(topic)
+
+        def deco(fn: Handler) -> Handler:
+            for r in self._routes:
+                if r.handler is fn:
+                    r.publish_to = topic
+            fn.__dict__["_stanchion_publish_to"] = topic
+            return fn
+
+        return deco
+
     def add(
         self,
         topic: str,
@@ -88,6 +108,8 @@ class Router:
         g = group or self.group
         if not g:
             raise ConfigError(f"route {topic!r}: no group given and the router has none")
+        if publish_to is None:
+            publish_to = getattr(handler, "_stanchion_publish_to", None)
         if publish_to is not None:
             validate_topic(publish_to)
         self._routes.append(_Route(self.prefix + topic, handler, g, publish_to, options))
