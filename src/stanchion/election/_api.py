@@ -13,7 +13,7 @@ from typing import Any, final
 from prometheus_client import CollectorRegistry
 
 from stanchion.clock import Clock, monotonic
-from stanchion.election._backend import Capabilities, LeaseBackend
+from stanchion.election._backend import Capabilities, Grant, Holder, LeaseBackend
 from stanchion.election._core import (
     Acquired,
     Busy,
@@ -27,6 +27,7 @@ from stanchion.election._core import (
     StepDown,
     Tick,
     TryAcquire,
+    Vacated,
     Wait,
 )
 from stanchion.errors import BackendUnavailable, ConfigError, LeadershipLost
@@ -72,6 +73,7 @@ class Lease:
             write) with every side effect.
         lost: an :class:`asyncio.Event` set the moment the lease is lost
             (renewal rejected, deadline passed without renewal, resigned).
+        reason: why the lease was lost (None while it holds).
 
     .. versionadded:: 0.1
     """
@@ -124,6 +126,16 @@ class Lease:
         return f"<Lease group={self.group!r} identity={self.identity!r} token={self.token} {state}>"
 
 
+def _takes_an_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+
+
 class LeaderElector:
     """One candidate in one election group.
 
@@ -142,7 +154,8 @@ class LeaderElector:
         connect_timeout: seconds after which an unreachable backend raises
             :class:`~stanchion.errors.BackendUnavailable` from
             :meth:`campaign`.
-        on_elected / on_revoked: callbacks (sync or async) given the Lease.
+        on_elected / on_revoked: callbacks (sync or async) given the Lease
+            (or nothing, if they take no argument).
         metrics_registry: a Prometheus registry (a private one by default).
 
     .. versionadded:: 0.1
@@ -339,7 +352,8 @@ class LeaderElector:
                 if isinstance(action, Wait):
                     delay = max(action.until - now, 0.0)
                     # A little jitter so that candidates do not poll in lockstep.
-                    await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0))
+                    if await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0)):
+                        machine.step(clock(), Vacated())
                     continue
                 assert isinstance(action, TryAcquire)
                 sent = clock()
@@ -359,8 +373,9 @@ class LeaderElector:
                     machine.step(now, Failed(str(exc)))
                     continue
                 failing_since, reached = None, True
-                if grant is None:
-                    machine.step(clock(), Busy())
+                if not isinstance(grant, Grant):
+                    holder = grant if isinstance(grant, Holder) else None
+                    machine.step(clock(), Busy(holder.remaining if holder else None))
                     continue
                 step = machine.step(clock(), Acquired(grant.token, sent))
                 if isinstance(step, StepDown):
@@ -376,7 +391,7 @@ class LeaderElector:
                 self._keeper = asyncio.get_running_loop().create_task(
                     self._keep(lease), name=f"stanchion-election-{self.group}"
                 )
-                await self._fire(self._on_elected, lease)
+                await self._fire("on_elected", self._on_elected, lease)
                 return lease
 
     async def _keep(self, lease: Lease) -> None:
@@ -395,7 +410,7 @@ class LeaderElector:
                         self.backend.renew(self.group, self.identity, action.token, self.ttl),
                         min(budget, self.connect_timeout),
                     )
-                except BackendUnavailable as exc:
+                except Exception as exc:  # unreachable, or a bug in a backend: keep trying
                     self._m_renewals.labels(self.group, "failed").inc()
                     self._log.warning("election.renew_failed", token=lease.token, error=str(exc))
                     action = machine.step(clock(), Failed(str(exc)))
@@ -416,7 +431,7 @@ class LeaderElector:
         self._m_leader.set(0)
         self._m_stepdowns.labels(self.group, reason.split()[0]).inc()
         self._log.info("election.stepped_down", token=lease.token, reason=reason)
-        await self._fire(self._on_revoked, lease)
+        await self._fire("on_revoked", self._on_revoked, lease)
         if release:
             await self._release_quietly(lease.token)
 
@@ -428,10 +443,14 @@ class LeaderElector:
         except Exception as exc:  # the lease expires on its own anyway
             self._log.warning("election.release_failed", token=token, error=str(exc))
 
-    async def _fire(self, callbacks: list[Callback], lease: Lease) -> None:
-        for callback in list(callbacks):
+    async def _fire(self, name: str, callbacks: list[Callback], lease: Lease) -> None:
+        found: list[Callable[..., Any]] = list(callbacks)
+        assigned = self.__dict__.get(name)  # ``elector.on_elected = fn`` works too
+        if callable(assigned):
+            found.append(assigned)
+        for callback in found:
             try:
-                result = callback(lease)
+                result = callback(lease) if _takes_an_argument(callback) else callback()
                 if inspect.isawaitable(result):
                     await result
             except Exception:

@@ -33,20 +33,21 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import inspect
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from stanchion.election._backend import Capabilities, Grant, Holder
-from stanchion.errors import BackendUnavailable, ConfigError
+from stanchion.errors import BackendUnavailable, ConfigError, StaleFencingToken
 from stanchion.urls import ParsedURL
 
-__all__ = ["FileLeases"]
+__all__ = ["FileFence", "FileLeases"]
 
 T = TypeVar("T")
 
@@ -179,17 +180,22 @@ class FileLeases:
 
     # -- the contract ------------------------------------------------------------
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free, expired, or its holder died."""
 
-        def go() -> Grant | None:
+        def go() -> Grant | Holder | None:
             with self._mutex(group):
                 record = self._read(group)
                 now = time.time()
                 if self._remaining(record, now) > 0:
                     fd = self._try_lock(self._name(group, "alive"))
-                    if fd is None:
-                        return None  # the holder lives
+                    if fd is None:  # the holder lives
+                        assert record is not None
+                        return Holder(
+                            str(record["holder"]),
+                            int(record["token"]),  # type: ignore[call-overload]
+                            self._remaining(record, now),
+                        )
                 else:
                     fd = self._fresh_alive(group)
                 try:
@@ -270,29 +276,115 @@ class FileLeases:
 
         return await self._call(go)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep up to ``seconds``; return early when the holder dies or its lease ends."""
         end = time.monotonic() + seconds
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                return
+                return False
             await asyncio.sleep(min(left, 0.02))
             try:
                 record = self._read(group)
             except BackendUnavailable:
-                return
+                return False
             if self._remaining(record, time.time()) <= 0:
-                return
+                return True
             path = self._name(group, "alive")
             if record is not None and (group, int(record["token"])) not in self._alive:  # type: ignore[call-overload]
                 with contextlib.suppress(OSError):
                     fd = self._try_lock(path)
                     if fd is not None:
                         os.close(fd)
-                        return
+                        return True
 
     async def aclose(self) -> None:
         """Drop every alive lock this backend holds."""
         for key in list(self._alive):
             self._drop_alive(*key)
+
+
+class FileFence:
+    """Fenced writes guarded by a token file: ``<dir>/<resource>.fence``.
+
+    The token file is held under ``flock(LOCK_EX)`` while the token is
+    checked, ``fn(path)`` runs (``path`` is the directory, for files you
+    write next to it) and the new token is recorded, so concurrent writers
+    of one resource are serialised. If ``fn`` raises, the token is not
+    recorded.
+    """
+
+    def __init__(self, directory: str, *, prefix: str = "", timeout: float = 5.0) -> None:
+        self._leases = FileLeases(directory, prefix=prefix, timeout=timeout)
+        self._dir = Path(directory)
+        self._prefix = prefix
+        self._timeout = timeout
+
+    @classmethod
+    def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> FileFence:
+        """Build from a parsed ``file:///dir`` URL."""
+        leases = FileLeases.from_url(parsed, connect_timeout=connect_timeout)
+        return cls(str(leases._dir), prefix=leases._prefix, timeout=connect_timeout)
+
+    def _path(self, resource: str) -> Path:
+        return self._dir / f"{quote(self._prefix + resource, safe='')}.fence"
+
+    def _lock(self, resource: str) -> int:
+        self._leases._ensure_dir()
+        fd = os.open(self._path(resource), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise BackendUnavailable(
+                        f"{self._path(resource)} stayed locked for {self._timeout:g}s"
+                    ) from None
+                time.sleep(0.002)
+
+    @staticmethod
+    def _read(fd: int) -> int | None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 64).strip()
+        return int(raw) if raw else None
+
+    @staticmethod
+    def _record(fd: int, token: int) -> None:
+        data = str(token).encode()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, data)
+        os.fsync(fd)
+
+    async def write(self, resource: str, token: int, fn: Callable[[Any], Awaitable[T] | T]) -> T:
+        """Check ``token`` under the resource's lock, run ``fn(dir)``, record the token."""
+        try:
+            fd = await asyncio.to_thread(self._lock, resource)
+        except OSError as exc:
+            raise BackendUnavailable(f"fence {self._path(resource)}: {exc}") from exc
+        try:
+            current = self._read(fd)
+            if current is not None and token < current:
+                raise StaleFencingToken(resource, token, current)
+            result = fn(self._dir)
+            if inspect.isawaitable(result):
+                result = await result
+            if current != token:
+                self._record(fd, token)
+            return result
+        finally:
+            os.close(fd)
+
+    async def current(self, resource: str) -> int | None:
+        """The highest token accepted for ``resource``."""
+        try:
+            raw = (await asyncio.to_thread(self._path(resource).read_bytes)).strip()
+        except FileNotFoundError:
+            return None
+        return int(raw) if raw else None
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

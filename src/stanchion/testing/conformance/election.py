@@ -35,15 +35,21 @@ __all__ = [
     "test_resign_hands_over_well_under_ttl",
     "test_tokens_strictly_increase_over_20_terms",
     "test_unreachable_backend_is_backend_unavailable",
+    "ttl_for",
 ]
 
-TTL = 2.0
-"""Lease length used by the suite (etcd grants whole seconds, at least 2)."""
+TTL = 1.0
+"""Lease length used by the suite (etcd: 2 s, it grants whole seconds and at least 2)."""
+
+
+def ttl_for(url: str) -> float:
+    """The suite's lease length for ``url``."""
+    return 2.0 if parse_url(url).scheme == "etcd" else TTL
 
 
 def _electors(url: str, n: int, group: str = "g", **kw: object) -> list[LeaderElector]:
     return [
-        LeaderElector.from_url(url, group, f"node-{i}", ttl=TTL, **kw)  # type: ignore[arg-type]
+        LeaderElector.from_url(url, group, f"node-{i}", ttl=ttl_for(url), **kw)  # type: ignore[arg-type]
         for i in range(n)
     ]
 
@@ -54,14 +60,15 @@ async def _close(electors: list[LeaderElector]) -> None:
 
 
 async def test_one_leader_among_five(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     electors = _electors(backend_url, 5)
     try:
         tasks = [asyncio.ensure_future(e.campaign()) for e in electors]
         done, pending = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
         assert len(done) == 1, "expected exactly one leader"
         lease = done.pop().result()
-        # Stay leader over more than a TTL: renewals keep the others out.
-        await asyncio.sleep(TTL * 1.3)
+        # Stay leader over more than a ttl: renewals keep the others out.
+        await asyncio.sleep(ttl * 1.3)
         assert lease.is_valid()
         assert not any(t.done() for t in pending), "a second candidate was elected"
         assert sum(e.is_leader for e in electors) == 1
@@ -75,12 +82,13 @@ async def test_one_leader_among_five(backend_url: str) -> None:
 
 
 async def test_tokens_strictly_increase_over_20_terms(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     electors = _electors(backend_url, 3)
     tokens: list[int] = []
     try:
         for i in range(20):
             elector = electors[i % 3]
-            lease = await asyncio.wait_for(elector.campaign(), TTL * 3)
+            lease = await asyncio.wait_for(elector.campaign(), ttl * 3)
             tokens.append(lease.token)
             await elector.resign()
             assert not lease.is_valid() and lease.lost.is_set()
@@ -90,32 +98,34 @@ async def test_tokens_strictly_increase_over_20_terms(backend_url: str) -> None:
 
 
 async def test_resign_hands_over_well_under_ttl(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     first, second = _electors(backend_url, 2)
     try:
-        lease = await asyncio.wait_for(first.campaign(), TTL * 3)
+        lease = await asyncio.wait_for(first.campaign(), ttl * 3)
         waiting = asyncio.ensure_future(second.campaign())
         await asyncio.sleep(0.2)
         assert not waiting.done()
         started = time.monotonic()
         await first.resign()
-        new = await asyncio.wait_for(waiting, TTL)
+        new = await asyncio.wait_for(waiting, ttl)
         elapsed = time.monotonic() - started
         assert new.token > lease.token
-        assert elapsed < TTL / 2, f"handover took {elapsed:.2f}s with ttl {TTL}s"
+        assert elapsed < ttl / 2, f"handover took {elapsed:.2f}s with ttl {ttl}s"
     finally:
         await _close([first, second])
 
 
 async def test_observe_leader(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     leader, watcher = _electors(backend_url, 2)
     try:
         assert await watcher.leader() is None
-        lease = await asyncio.wait_for(leader.campaign(), TTL * 3)
+        lease = await asyncio.wait_for(leader.campaign(), ttl * 3)
         info = await watcher.leader()
         assert info is not None
         assert (info.identity, info.token) == ("node-0", lease.token)
         left = info.expires_at - watcher.clock()
-        assert 0 < left <= TTL + 1.0
+        assert 0 < left <= ttl + 1.0
         assert not watcher.is_leader  # observing never campaigns
         await leader.resign()
         assert await watcher.leader() is None
@@ -124,6 +134,7 @@ async def test_observe_leader(backend_url: str) -> None:
 
 
 async def test_leadership_block_resigns_on_exit(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     first, second = _electors(backend_url, 2)
     try:
         async with first.leadership() as lease:
@@ -131,14 +142,15 @@ async def test_leadership_block_resigns_on_exit(backend_url: str) -> None:
             assert first.lease is lease
         assert lease.lost.is_set() and not lease.is_valid()
         started = time.monotonic()
-        new = await asyncio.wait_for(second.campaign(), TTL)
-        assert time.monotonic() - started < TTL / 2
+        new = await asyncio.wait_for(second.campaign(), ttl)
+        assert time.monotonic() - started < ttl / 2
         assert new.token > lease.token
     finally:
         await _close([first, second])
 
 
 async def test_callbacks_fire(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     (elector,) = _electors(backend_url, 1)
     seen: list[tuple[str, int]] = []
     elector.on_elected(lambda lease: seen.append(("elected", lease.token)))
@@ -148,7 +160,7 @@ async def test_callbacks_fire(backend_url: str) -> None:
 
     elector.on_revoked(revoked)
     try:
-        lease = await asyncio.wait_for(elector.campaign(), TTL * 3)
+        lease = await asyncio.wait_for(elector.campaign(), ttl * 3)
         await elector.resign()
         assert seen == [("elected", lease.token), ("revoked", lease.token)]
     finally:
@@ -156,12 +168,13 @@ async def test_callbacks_fire(backend_url: str) -> None:
 
 
 async def test_is_valid_reads_the_clock_at_call_time(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     clock = ManualClock(1000.0)
     (elector,) = _electors(backend_url, 1, clock=clock)
     try:
-        lease = await asyncio.wait_for(elector.campaign(), TTL * 3)
+        lease = await asyncio.wait_for(elector.campaign(), ttl * 3)
         assert lease.is_valid()
-        clock.advance(TTL)  # a "pause" longer than the lease: no task has run since
+        clock.advance(ttl)  # a "pause" longer than the lease: no task has run since
         assert not lease.is_valid()
         assert lease.remaining() == 0.0
     finally:
@@ -192,6 +205,7 @@ def _unreachable(url: str) -> str | None:
 
 
 async def test_unreachable_backend_is_backend_unavailable(backend_url: str) -> None:
+    ttl = ttl_for(backend_url)
     url = _unreachable(backend_url)
     if url is None:  # in-process: always reachable; campaigning answers at once
         (elector,) = _electors(backend_url, 1, connect_timeout=1.0)
@@ -200,7 +214,7 @@ async def test_unreachable_backend_is_backend_unavailable(backend_url: str) -> N
         finally:
             await elector.aclose()
         return
-    elector = LeaderElector.from_url(url, "g", "n", ttl=TTL, connect_timeout=1.0)
+    elector = LeaderElector.from_url(url, "g", "n", ttl=ttl, connect_timeout=1.0)
     started = time.monotonic()
     try:
         with pytest.raises(BackendUnavailable):
