@@ -23,7 +23,13 @@ from stanchion.errors import (
     StreamDeleted,
     WrongExpectedVersion,
 )
-from stanchion.eventsourcing._aggregate import Aggregate, Repository, applies, caused_by
+from stanchion.eventsourcing._aggregate import (
+    Aggregate,
+    Causation,
+    Repository,
+    applies,
+    caused_by,
+)
 from stanchion.eventsourcing._api import EventStore
 from stanchion.eventsourcing._core import (
     ANY,
@@ -44,6 +50,7 @@ __all__ = [
     "Aggregate",
     "AggregateNotFound",
     "AppendResult",
+    "Causation",
     "CryptoShredder",
     "DuplicateEventId",
     "EventStore",

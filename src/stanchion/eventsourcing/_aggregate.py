@@ -97,6 +97,10 @@ class Aggregate:
     only (set other defaults in ``__init__`` after ``super().__init__(id)``),
     because the :class:`Repository` rebuilds aggregates with ``Type(id)``.
 
+    Events are msgspec Structs or frozen dataclasses, stored under their class
+    name (or ``__event_type__``) with schema 1 (or ``__event_schema__``, for
+    upcasters); their fields are the event's JSON data.
+
     Attributes:
         id: the aggregate id.
         version: the version of the last event applied (-1: none yet).

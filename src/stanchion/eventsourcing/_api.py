@@ -57,6 +57,7 @@ class EventStore:
     """
 
     PAGE = 2000
+    """Events fetched per round trip by reads and subscriptions."""
 
     def __init__(
         self,

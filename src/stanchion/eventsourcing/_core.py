@@ -294,6 +294,12 @@ def schema_of(metadata: Mapping[str, Any]) -> int:
 class Upcaster:
     """Turns payloads of ``type`` written with ``from_schema`` into ``to_schema``.
 
+    An event's schema number is its metadata's ``"schema"`` (1 when absent):
+    write ``NewEvent(type, data, {"schema": 2})``, or give an aggregate's event
+    class ``__event_schema__ = 2``. On read, upcasters run in a chain until none
+    applies; the returned event's metadata carries the final schema. Register
+    them with ``EventStore.connect(url, upcasters=[...])``.
+
     Args:
         type: the event type name.
         from_schema: the schema number it reads.

@@ -202,6 +202,7 @@ class PostgresBackend:
         # listens at all, and skip the NOTIFY (a transaction of its own) when nobody does.
         self._listener_name = f"stanchion-es:{self._channel}"[:63]
         self._listeners_seen = False
+        self._listening_since = 0.0
         self._listeners_checked = -1e9
         self._q_append = f"SELECT * FROM {p}es_append($1, $2, $3, $4, $5, $6, $7)"
         self._q_all = (
@@ -453,6 +454,7 @@ class PostgresBackend:
             await conn.add_listener(self._channel, self._notified)
             conn.add_termination_listener(self._lost)
             self._listener = conn
+            self._listening_since = asyncio.get_running_loop().time()
 
     def _notified(self, *_: object) -> None:
         for event in self._wakers:
@@ -471,13 +473,12 @@ class PostgresBackend:
         wake = asyncio.Event()
         self._wakers.add(wake)
         gap_delay = 0.01
-        early_reread = False
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if self._listener is None:
                     with _mapped(self._url):
                         await self._listen()
-                    early_reread = True
                 wake.clear()
                 with _mapped(self._url):
                     found = await self._pool.fetch(self._q_sub, tracker.next, batch, wanted)
@@ -496,8 +497,11 @@ class PostgresBackend:
                     timeout, gap_delay = gap_delay, min(gap_delay * 2, 0.5)
                 else:
                     timeout, gap_delay = self._idle, 0.01
-                    if early_reread:
-                        timeout, early_reread = _NONE_TTL * 2, False
+                    # Just after LISTEN started, writers may still believe nobody
+                    # listens (for up to _NONE_TTL): look once more after that.
+                    fresh = loop.time() - self._listening_since
+                    if fresh < _NONE_TTL * 2:
+                        timeout = min(timeout, _NONE_TTL * 2 - fresh + 0.01)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
         finally:

@@ -204,6 +204,8 @@ class SQLiteBackend:
         while True:
             try:
                 return fn()
+            except sqlite3.ProgrammingError as exc:  # e.g. the store was closed
+                raise BackendError(f"SQLite: {exc}") from exc
             except sqlite3.OperationalError as exc:
                 if not _busy(exc):
                     raise BackendError(f"SQLite: {exc}") from exc
