@@ -167,3 +167,21 @@ async def test_router_publisher_decorator(memory_url: str) -> None:
         await eventually(lambda: len(out.messages) == 1)
         assert out.messages[0].json() == {"n": 42}
         await router.stop()
+
+
+async def test_sync_handler_and_close_timeout(memory_url: str) -> None:
+    got: list[str] = []
+
+    def plain(msg: Message) -> None:
+        got.append(msg.id)
+
+    async def stuck(msg: Message) -> None:
+        await asyncio.sleep(3600)
+
+    broker = await Broker.connect(memory_url)
+    await broker.subscribe("sync", plain, group="g")
+    await broker.subscribe("stuck", stuck, group="g")
+    mid = await broker.publish("sync", b"x")
+    await broker.publish("stuck", b"x")
+    await eventually(lambda: got == [mid])
+    await asyncio.wait_for(broker.close(timeout=0.2), 5)

@@ -81,3 +81,25 @@ async def test_mosquitto_restart_keeps_queued_messages(servers: ServerFactory) -
         await broker.subscribe("plant.readings", sink, group="analytics")
         await eventually(lambda: len(sink.messages) >= 20, timeout=20, what="queued messages")
         assert sorted(sink.ids) == sorted(ids)
+
+
+async def test_mqtt_subscriber_and_publisher_survive_restart(servers: ServerFactory) -> None:
+    server = servers.mosquitto()
+    async with await Broker.connect(server.url + "?prefix=live") as broker:
+        sink = Sink()
+        await broker.subscribe("t", sink, group="g")
+        first = await broker.publish("t", {"n": 1})
+        await eventually(lambda: sink.ids == [first])
+        server.restart()
+        second = None
+        for _ in range(100):  # until the consumer has reconnected and resubscribed
+            try:
+                second = await broker.publish("t", {"n": 2})
+            except Exception:
+                await asyncio.sleep(0.2)
+                continue
+            await asyncio.sleep(0.5)
+            if second in sink.ids:
+                break
+        assert second is not None
+        await eventually(lambda: second in sink.ids, timeout=20, what="delivery after restart")

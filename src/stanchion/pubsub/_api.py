@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import os
 import time
 import uuid
@@ -130,6 +131,21 @@ def _encode_data(data: object, headers: dict[str, str]) -> bytes:
         return data.encode()
     headers.setdefault(H_CONTENT_TYPE, "application/json")
     return json_codec.encode(data)
+
+
+def _as_async(handler: Callable[[Message], Any]) -> Handler:
+    # Accept plain functions too (they run on the event loop: keep them short).
+    call = getattr(handler, "__call__", None)  # noqa: B004
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        return handler
+
+    async def adapter(msg: Message) -> Any:
+        result = handler(msg)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return adapter
 
 
 class _Metrics:
@@ -448,12 +464,10 @@ class Broker:
             prefetch=prefetch if prefetch is not None else max(16, 4 * concurrency),
             ack_timeout=float(ack_timeout),
         )
-        wrapped = handler
+        wrapped = _as_async(handler)
         for mw in reversed((*self._middleware, *middleware)):
             wrapped = mw(wrapped)
         await self._driver.declare(pattern, group)
-        if dead is not None:
-            await self._driver.declare(TopicPattern(dead), group)
         sub = Subscription(
             self,
             spec,
@@ -493,14 +507,19 @@ class Broker:
         if self._closed:
             raise ConfigError("the broker is closed")
 
-    async def close(self) -> None:
-        """Stop every subscription (draining in-flight handlers) and disconnect."""
+    async def close(self, timeout: float | None = 30.0) -> None:  # noqa: ASYNC109
+        """Stop every subscription (draining in-flight handlers) and disconnect.
+
+        Args:
+            timeout: seconds each subscription waits for its running handlers
+                before cancelling them (their messages are redelivered).
+        """
         if self._closed:
             return
         self._closed = True
         for sub in list(self._subs):
             with contextlib.suppress(Exception):
-                await sub.stop()
+                await sub.stop(timeout)
         await self._driver.close()
 
     async def aclose(self) -> None:
@@ -600,6 +619,7 @@ class Subscription:
         self._acks_closing = False
         self._low_water = max(1, spec.prefetch // 2)
         self._delivered = 0  # flushed to the counter by the fetch loop
+        self._dead_declared = False
         topic = spec.pattern.pattern
         m = broker._m
         self._m_delivered = m.delivered.labels(topic, spec.group)
@@ -647,6 +667,9 @@ class Subscription:
         failures = 0
         last_lag = 0.0
         while not self._stopping:
+            if self._delivered:
+                self._m_delivered.inc(self._delivered)
+                self._delivered = 0
             room = self.spec.prefetch - len(self._held)
             # Refill in batches: wait for half the window to free up (a fetch
             # of one message per ack would cost a round trip per message).
@@ -668,9 +691,6 @@ class Subscription:
             for d in batch:
                 self._dispatch(d)
             self._m_in_flight.set(len(self._held))
-            if self._delivered:
-                self._m_delivered.inc(self._delivered)
-                self._delivered = 0
             now = self._broker._clock()
             if now - last_lag > 2.0:
                 last_lag = now
@@ -787,6 +807,12 @@ class Subscription:
             )
             out = OutboundMessage(self.dead_letter, msg.id, msg.key, headers, msg.data, _now_us())
             try:
+                if not self._dead_declared:
+                    # Keep dead letters for this group even on engines that only
+                    # keep messages for declared groups (RabbitMQ); created on
+                    # first use so no empty dead-letter topics pile up.
+                    await self._broker._driver.declare(TopicPattern(self.dead_letter), self.group)
+                    self._dead_declared = True
                 await self._broker._driver.publish([out])
             except Exception as exc:
                 # Not acked: try again later rather than lose the message.

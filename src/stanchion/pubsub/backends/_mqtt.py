@@ -90,6 +90,7 @@ class MQTTDriver:
         self._p = prefix
         self._client_id = url.query.get("client_id")
         self._keepalive = url.get_int("keepalive", 30)
+        self._lock = asyncio.Lock()
 
     def _new_client(
         self, identifier: str, *, clean: bool, receive_max: int | None
@@ -134,6 +135,7 @@ class MQTTDriver:
                 f"cannot reach MQTT broker at {url.masked()}: {exc}", url=url.masked()
             ) from exc
         drv._client = client
+        drv._lock = asyncio.Lock()
         return drv
 
     def topic(self, topic: str) -> str:
@@ -147,15 +149,33 @@ class MQTTDriver:
             env = Envelope(m.id, m.key, m.headers, m.data, m.ts)
             await self._client.publish(self.topic(m.topic), encode_envelope(env), qos=1)
 
-        try:
-            if len(messages) == 1:
-                await one(messages[0])
-            else:
-                await asyncio.gather(*(one(m) for m in messages))
-        except aiomqtt.MqttCodeError as exc:
-            raise BackendUnavailable(f"MQTT broker unavailable: {exc}") from exc
-        except aiomqtt.MqttError as exc:
-            raise PublishError(f"MQTT broker did not acknowledge the message: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                if len(messages) == 1:
+                    await one(messages[0])
+                else:
+                    await asyncio.gather(*(one(m) for m in messages))
+                return
+            except aiomqtt.MqttCodeError as exc:
+                # Not connected (the broker restarted?): reconnect once, then give up.
+                if attempt == 2 or not await self._reconnect():
+                    raise BackendUnavailable(f"MQTT broker unavailable: {exc}") from exc
+            except aiomqtt.MqttError as exc:
+                raise PublishError(f"MQTT broker did not acknowledge the message: {exc}") from exc
+
+    async def _reconnect(self) -> bool:
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+            client = self._new_client(
+                f"{self._p}-pub-{uuid.uuid4().hex[:12]}", clean=True, receive_max=None
+            )
+            try:
+                await asyncio.wait_for(client.__aenter__(), 5)
+            except (aiomqtt.MqttError, OSError, TimeoutError):
+                return False
+            self._client = client
+            return True
 
     async def declare(self, pattern: TopicPattern, group: str) -> None:
         """Nothing to do: an MQTT group exists only while a member is subscribed."""
@@ -166,20 +186,17 @@ class MQTTDriver:
             ident, clean = f"{self._client_id}-{spec.group}", False
         else:
             ident, clean = f"{self._p}-{spec.consumer}", True
-        client = self._new_client(ident, clean=clean, receive_max=spec.prefetch)
-        client._client.manual_ack_set(True)  # aiomqtt has no public switch for it
-        try:
-            await asyncio.wait_for(client.__aenter__(), 10)
-        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-            raise BackendUnavailable(f"cannot reach MQTT broker: {exc}") from exc
         filt = spec.pattern.translate(sep="/", one="+", rest="#")
-        c = _MQTTConsumer(self, client, spec)
-        c.task = asyncio.get_running_loop().create_task(c.pump())
         # Mosquitto queues nothing for an offline member of a shared subscription,
         # so a persistent (client_id) member subscribes directly: it is the one
         # durable member of its group.
         share = "" if self._client_id else f"$share/{spec.group}/"
-        await client.subscribe(f"{share}{self._p}/{filt}", qos=1)
+        c = _MQTTConsumer(self, spec, ident, clean, f"{share}{self._p}/{filt}")
+        try:
+            await c.connect()
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"cannot reach MQTT broker: {exc}") from exc
+        c.task = asyncio.get_running_loop().create_task(c.pump())
         return c
 
     async def close(self) -> None:
@@ -189,20 +206,53 @@ class MQTTDriver:
 
 
 class _MQTTConsumer:
-    def __init__(self, driver: MQTTDriver, client: aiomqtt.Client, spec: ConsumerSpec) -> None:
+    def __init__(
+        self, driver: MQTTDriver, spec: ConsumerSpec, ident: str, clean: bool, filt: str
+    ) -> None:
         self._d = driver
-        self._c = client
         self._s = spec
-        self._buf: asyncio.Queue[Any] = asyncio.Queue()
+        self._ident = ident
+        self._clean = clean
+        self._filter = filt
+        self._c: aiomqtt.Client | None = None
+        self._gen = 0  # connection generation: message ids are per connection
+        self._buf: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._cut = len(driver._p) + 1
+        self._closed = False
         self.task: asyncio.Task[None] | None = None
 
-    async def pump(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
-            async for m in self._c.messages:
-                self._buf.put_nowait(m)
+    async def connect(self) -> None:
+        client = self._d._new_client(self._ident, clean=self._clean, receive_max=self._s.prefetch)
+        client._client.manual_ack_set(True)  # aiomqtt has no public switch for it
+        await asyncio.wait_for(client.__aenter__(), 10)
+        await client.subscribe(self._filter, qos=1)
+        self._gen += 1
+        self._c = client
 
-    def _delivery(self, m: Any) -> Delivery:
+    def closed(self) -> bool:
+        return self._closed
+
+    async def pump(self) -> None:
+        # Read messages; on a lost connection, reconnect and resubscribe.
+        while not self._closed:
+            client, gen = self._c, self._gen
+            assert client is not None
+            with contextlib.suppress(aiomqtt.MqttError):
+                async for m in client.messages:
+                    self._buf.put_nowait((gen, m))
+            if self.closed():
+                return
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+            while not self.closed():
+                try:
+                    await self.connect()
+                    break
+                except (aiomqtt.MqttError, OSError, TimeoutError):
+                    await asyncio.sleep(0.5)
+
+    def _delivery(self, item: tuple[int, Any]) -> Delivery:
+        gen, m = item
         topic = str(m.topic)[self._cut :].replace("/", ".")
         raw = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
         env = decode_envelope(raw)
@@ -212,7 +262,7 @@ class _MQTTConsumer:
             msg = Message(uuid.uuid4().hex, topic, None, raw, {}, count, datetime.now(UTC))
         else:
             msg = Message(env.id, topic, env.key, env.data, env.headers, count, _ts(env.ts))
-        return Delivery(msg, m.mid)
+        return Delivery(msg, (gen, m.mid))
 
     async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
         out: list[Delivery] = []
@@ -227,9 +277,14 @@ class _MQTTConsumer:
         return out
 
     async def ack(self, tokens: Sequence[object]) -> None:
+        if self._c is None:
+            return
         paho = self._c._client
-        for mid in tokens:
-            paho.ack(int(mid), 1)  # type: ignore[call-overload]
+        for token in tokens:
+            assert isinstance(token, tuple)
+            gen, mid = token
+            if gen == self._gen:  # an id of an older connection means nothing now
+                paho.ack(mid, 1)
 
     async def extend(self, tokens: Sequence[object]) -> None:
         return None
@@ -243,9 +298,11 @@ class _MQTTConsumer:
         return None
 
     async def close(self) -> None:
+        self._closed = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
-        with contextlib.suppress(Exception):
-            await self._c.__aexit__(None, None, None)
+        if self._c is not None:
+            with contextlib.suppress(Exception):
+                await self._c.__aexit__(None, None, None)

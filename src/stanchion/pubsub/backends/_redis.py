@@ -13,6 +13,8 @@ Publishes are pipelined (one round trip per batch); ``publish`` returns when
 Redis answered every ``XADD``. Redis acknowledges writes from memory: without
 AOF (``appendonly yes``) or RDB snapshots a restart loses every message, so
 connecting to such a server emits a :class:`RuntimeWarning` and a log line.
+With AOF, ``appendfsync everysec`` (Redis's default) may lose the last second
+of acknowledged writes on a host crash; ``appendfsync always`` does not.
 
 Query parameters: ``prefix``, ``maxlen`` (approximate stream cap, default
 none), ``block`` (XREADGROUP block in ms, default: the runtime's poll).
@@ -274,4 +276,11 @@ class _RedisConsumer:
         return None
 
     async def close(self) -> None:
-        return None
+        # Forget this member unless it still owns pending entries (deleting it
+        # would drop them; the reclaim loop of another member takes them).
+        with contextlib.suppress(RedisError, OSError):
+            mine = await self._r.xpending_range(
+                self._key, self._s.group, min="-", max="+", count=1, consumername=self._s.consumer
+            )
+            if not mine:
+                await self._r.xgroup_delconsumer(self._key, self._s.group, self._s.consumer)
