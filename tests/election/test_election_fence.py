@@ -95,6 +95,7 @@ def test_update_sql() -> None:
     )
     with pytest.raises(ConfigError):
         Fence.update_sql("accounts; drop", "a = 1", "true")
+    assert Fence.SQL.format(table="accounts", assignments="balance = $2", where="id = $3") == sql
 
 
 async def test_update_sql_rejects_a_stale_writer_in_sqlite(tmp_path: Any) -> None:

@@ -60,6 +60,16 @@ class Fence:
 
     __slots__ = ("_backend", "resource", "url")
 
+    SQL = (
+        "UPDATE {table} SET {assignments}, fencing_token = $1 "
+        "WHERE ({where}) AND fencing_token <= $1"
+    )
+    """The fencing rule as a SQL snippet (PostgreSQL placeholders; ``$1`` is the token).
+
+    Zero rows updated means a newer term has written: the caller is deposed.
+    :meth:`update_sql` fills it in with checked identifiers.
+    """
+
     def __init__(
         self,
         url: str,
