@@ -280,6 +280,8 @@ def _builtin(registry: BackendRegistry) -> BackendRegistry:
         ("fence", "postgresql", "stanchion.election.backends._postgres:PostgresFence", "postgres"),
         ("fence", "redis", "stanchion.election.backends._redis:RedisFence", "redis"),
         ("fence", "memory", "stanchion.election.backends._memory:MemoryFence", None),
+        ("fence", "file", "stanchion.election.backends._file:FileFence", None),
+        ("fence", "etcd", "stanchion.election.backends._etcd:EtcdFence", "etcd"),
         ("shardmap", "sqlite", "stanchion.sharding.backends._sqlite:SQLiteMapStore", None),
         (
             "shardmap",

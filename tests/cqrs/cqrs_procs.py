@@ -61,7 +61,7 @@ async def _runner(store: str, views: str, election: str | None, identity: str | 
         views,
         election=election,
         identity=identity,
-        ttl=1.0,
+        ttl=float(os.environ.get("TTL", "2.0")),
         batch_size=int(os.environ.get("BATCH", "500")),
     )
     async with app:

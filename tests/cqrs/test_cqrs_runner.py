@@ -112,7 +112,7 @@ async def test_two_runners_one_projects_with_real_election(tmp_path: Path) -> No
     log = ListEventLog()
     async with await ReadModel.connect(views) as rm:
         electors = [
-            LeaderElector.from_url(election, "projections.totals", f"n{i}", ttl=1.0)
+            LeaderElector.from_url(election, "projections.totals", f"n{i}", ttl=2.0)
             for i in range(2)
         ]
         runners = [ProjectionRunner(log, Totals(), rm, elector=e) for e in electors]
@@ -121,6 +121,10 @@ async def test_two_runners_one_projects_with_real_election(tmp_path: Path) -> No
             for _ in range(50):
                 log.append("ItemAdded", {"sku": "a", "qty": 1})
             await runners[0].wait_for(50, timeout=10)
+            for _ in range(200):
+                if sum(r.is_leader for r in runners) == 1:
+                    break
+                await asyncio.sleep(0.01)
             assert sum(r.is_leader for r in runners) == 1
             leader = 0 if runners[0].is_leader else 1
             tasks[leader].cancel()  # resigns on the way out

@@ -86,6 +86,19 @@ async def test_online_store(views: str, sqlite_url: str, request: pytest.Fixture
         status = await orders.status()
         assert status.checkpoint == await store.head_position()
         assert status.lag.events == 0
+        # Rebuild the order view (tables and index) into a shadow and swap it in
+        # while the live runner keeps running.
+        before = await queries.dispatch(CustomerOrders("ann"))
+        rebuilder = ProjectionRunner(store, OrderHistory(), await ReadModel.connect(views_url))
+        try:
+            cp = await rebuilder.rebuild()
+        finally:
+            await rebuilder.aclose()
+        assert cp.position == status.checkpoint
+        assert await queries.dispatch(CustomerOrders("ann")) == before
+        again = await commands.dispatch(PlaceOrder("o3", "ann", {"mug": 2}))
+        mine = await queries.dispatch(CustomerOrders("ann"), wait_for=again.position)
+        assert mine == {"orders": ["o1", "o2", "o3"], "count": 3, "spent": 2250}
 
 
 async def test_concurrent_orders_retry_on_conflict(sqlite_url: str, tmp_path: Any) -> None:

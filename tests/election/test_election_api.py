@@ -123,3 +123,20 @@ async def test_callback_errors_do_not_break_the_elector(memory_url: str) -> None
     lease = await elector.campaign()
     assert lease.is_valid()
     await elector.aclose()
+
+
+async def test_callbacks_as_kwargs_attributes_and_without_arguments(memory_url: str) -> None:
+    seen: list[str] = []
+
+    async def revoked() -> None:
+        seen.append("revoked")
+
+    elector = LeaderElector.from_url(
+        memory_url, "g", "a", ttl=1.0, on_elected=lambda lease: seen.append(f"kw{lease.token}")
+    )
+    elector.on_elected = lambda: seen.append("attr")  # type: ignore[method-assign,assignment]
+    elector.on_revoked(revoked)
+    await elector.campaign()
+    await elector.resign()
+    assert seen == ["kw1", "attr", "revoked"]
+    await elector.aclose()

@@ -189,3 +189,37 @@ def test_valid_only_within_ttl_of_a_request_of_the_current_term(
             assert now < latest_sent + OPTS.ttl - OPTS.margin
         if isinstance(action, Wait):
             assert action.until >= now or m.role is Role.LEADER
+
+
+ALL_OBSERVATIONS: list[Observation] = [
+    Tick(),
+    Acquired(9, 100.0),
+    Busy(),
+    Busy(0.5),
+    Renewed(100.5),
+    Rejected(),
+    Failed("x"),
+    Resign(),
+    Vacated(),
+]
+
+
+@pytest.mark.parametrize("role", [Role.FOLLOWER, Role.LEADER])
+@pytest.mark.parametrize("obs", ALL_OBSERVATIONS, ids=lambda o: type(o).__name__)
+def test_every_state_input_pair(role: Role, obs: Observation) -> None:
+    m = leader(token=7, sent_at=100.0) if role is Role.LEADER else LeaseMachine(OPTS)
+    now = 101.0
+    action = m.step(now, obs)
+    assert isinstance(action, TryAcquire | Renew | StepDown | Wait)
+    if role is Role.FOLLOWER:
+        # A follower never renews or steps down; it becomes leader only when granted.
+        assert not isinstance(action, Renew | StepDown)
+        assert (m.role is Role.LEADER) == isinstance(obs, Acquired)
+    else:
+        # A leader never asks for a second lease; it leaves only by StepDown.
+        assert not isinstance(action, TryAcquire)
+        assert (m.role is Role.FOLLOWER) == isinstance(action, StepDown)
+        if isinstance(action, StepDown):
+            assert action.token == 7 and isinstance(obs, Rejected | Resign)
+    if m.role is Role.LEADER:
+        assert m.is_valid(now) and isinstance(action, Wait) and action.until > now

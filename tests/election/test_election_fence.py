@@ -10,7 +10,7 @@ from stanchion.election import Fence
 from stanchion.errors import ConfigError, StaleFencingToken
 from stanchion.testing.pytest_plugin import backend_params
 
-FENCES = ("memory", "sqlite", "postgresql", "redis")
+FENCES = ("memory", "sqlite", "file", "postgresql", "redis", "etcd")
 
 
 @pytest.fixture(params=backend_params(*FENCES))
@@ -63,7 +63,7 @@ def test_bad_arguments(sqlite_url: str) -> None:
     with pytest.raises(ConfigError):
         Fence(sqlite_url, "")
     with pytest.raises(ConfigError):
-        Fence("etcd://127.0.0.1:2379", "r")  # no fence backend for etcd
+        Fence("nats://127.0.0.1:4222", "r")  # no fence backend for nats
 
 
 async def test_sqlite_write_and_fence_commit_together(sqlite_url: str) -> None:
@@ -95,6 +95,7 @@ def test_update_sql() -> None:
     )
     with pytest.raises(ConfigError):
         Fence.update_sql("accounts; drop", "a = 1", "true")
+    assert Fence.SQL.format(table="accounts", assignments="balance = $2", where="id = $3") == sql
 
 
 async def test_update_sql_rejects_a_stale_writer_in_sqlite(tmp_path: Any) -> None:
@@ -107,3 +108,26 @@ async def test_update_sql_rejects_a_stale_writer_in_sqlite(tmp_path: Any) -> Non
     assert conn.execute(sql, {"b": 150, "id": 1, "token": 7}).rowcount == 1
     assert conn.execute(sql, {"b": 999, "id": 1, "token": 6}).rowcount == 0  # deposed leader
     assert conn.execute("SELECT balance, fencing_token FROM accounts").fetchone() == (150, 7)
+
+
+async def test_fn_without_argument(fence_url: str) -> None:
+    calls: list[int] = []
+    async with Fence(fence_url, "noarg") as fence:
+        await fence.write(1, lambda: calls.append(1))
+
+        async def fn() -> None:
+            calls.append(2)
+
+        await fence.write(2, fn)
+        with pytest.raises(StaleFencingToken):
+            await fence.write(1, lambda: calls.append(3))
+    assert calls == [1, 2]
+
+
+async def test_two_fences_on_one_resource_share_the_highest_token(fence_url: str) -> None:
+    async with Fence(fence_url, "shared") as old, Fence(fence_url, "shared") as new:
+        await old.write(4, lambda: None)
+        await new.write(5, lambda: None)
+        with pytest.raises(StaleFencingToken):
+            await old.write(4, lambda: None)
+        assert await old.current() == 5

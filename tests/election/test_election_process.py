@@ -27,10 +27,7 @@ def ttl_for(url: str) -> float:
 
 
 def fence_for(url: str, tmp_path: Path) -> str:
-    scheme = parse_url(url).scheme
-    if scheme in ("sqlite", "postgresql", "redis"):
-        return url
-    return f"sqlite:///{tmp_path / 'fence.db'}"  # file:// and etcd: fence a SQLite resource
+    return url  # every election backend is also a fence backend
 
 
 @dataclass(frozen=True)

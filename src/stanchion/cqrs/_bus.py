@@ -38,8 +38,17 @@ M = TypeVar("M")
 Handler = Callable[[Any], Any]
 Next = Callable[[Any], Awaitable[Any]]
 """The rest of the chain: ``await call_next(message)`` runs the handler."""
-Middleware = Callable[[Any, Next], Awaitable[Any]]
-"""``async def mw(message, call_next) -> result``: wraps every dispatch of a bus."""
+
+
+class Middleware(Protocol):
+    """``async def mw(message, call_next) -> result``: wraps every dispatch of a bus.
+
+    It may inspect or replace the message, call ``await call_next(message)``
+    zero or more times (retry), and inspect or replace the result. The first
+    middleware of a bus is the outermost.
+    """
+
+    def __call__(self, message: Any, call_next: Next, /) -> Awaitable[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,7 @@ class ProjectionRunner:
         self._token: int | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._pending_since: float | None = None
-        self._set_up: set[bool] = set()
+        self._route_cache = {}
         self.log = (logger or get_logger("stanchion.cqrs")).bind(projection=self.name)
         m = metrics or Metrics()
         self.metrics = m
@@ -389,6 +389,8 @@ class ProjectionRunner:
                         raise _LeadershipGone("lease expired before commit")
                     await self._commit(events, token, shadow=False)
                     self._update_lag(queue)
+                    if not queue.empty():
+                        await self._refresh_lag()
                 if stop is not None:
                     if stop.error is not None:
                         raise stop.error
@@ -443,8 +445,11 @@ class ProjectionRunner:
 
     async def _apply(self, event: Any, tx: Transaction) -> None:
         tx.event = event
-        type_name = str(event.type)
-        route = self.projection.route(type_name)
+        type_name = event.type
+        try:
+            route = self._route_cache[type_name]
+        except KeyError:
+            route = self._route_cache[type_name] = self.projection.route(type_name)
         if route is None:
             if self.projection.known(type_name) or self.projection.skip_unknown:
                 return
@@ -520,6 +525,8 @@ class ProjectionRunner:
 
     _shadow_cp: int = NO_POSITION
     _lease: Any = None
+    _route_cache: dict[str, Any]
+    _lag_checked: float = 0.0
 
     def _advance(self, position: int, *, force: bool = False) -> None:
         if position > self._checkpoint or force:
@@ -528,9 +535,20 @@ class ProjectionRunner:
         self._progress.set()
         self._progress = asyncio.Event()
 
+    async def _refresh_lag(self) -> None:
+        """At most once a second during catch-up: events behind the store's head."""
+        now = time.monotonic()
+        if now - self._lag_checked < 1.0:
+            return
+        self._lag_checked = now
+        with contextlib.suppress(Exception):
+            head = await head_position(self.store)
+            if head is not None:
+                self._m_lag_events.set(max(0, head - self._checkpoint))
+
     def _update_lag(self, queue: asyncio.Queue[Any]) -> None:
         waiting = queue.qsize()
-        self._m_lag_events.set(waiting)
+        self._m_lag_events.set(waiting)  # a lower bound; _refresh_lag sets the exact figure
         if waiting == 0:
             self._pending_since = None
             self._m_lag_seconds.set(0.0)

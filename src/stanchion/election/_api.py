@@ -126,6 +126,16 @@ class Lease:
         return f"<Lease group={self.group!r} identity={self.identity!r} token={self.token} {state}>"
 
 
+def _takes_an_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+
+
 class LeaderElector:
     """One candidate in one election group.
 
@@ -144,7 +154,8 @@ class LeaderElector:
         connect_timeout: seconds after which an unreachable backend raises
             :class:`~stanchion.errors.BackendUnavailable` from
             :meth:`campaign`.
-        on_elected / on_revoked: callbacks (sync or async) given the Lease.
+        on_elected / on_revoked: callbacks (sync or async) given the Lease
+            (or nothing, if they take no argument).
         metrics_registry: a Prometheus registry (a private one by default).
 
     .. versionadded:: 0.1
@@ -380,7 +391,7 @@ class LeaderElector:
                 self._keeper = asyncio.get_running_loop().create_task(
                     self._keep(lease), name=f"stanchion-election-{self.group}"
                 )
-                await self._fire(self._on_elected, lease)
+                await self._fire("on_elected", self._on_elected, lease)
                 return lease
 
     async def _keep(self, lease: Lease) -> None:
@@ -420,7 +431,7 @@ class LeaderElector:
         self._m_leader.set(0)
         self._m_stepdowns.labels(self.group, reason.split()[0]).inc()
         self._log.info("election.stepped_down", token=lease.token, reason=reason)
-        await self._fire(self._on_revoked, lease)
+        await self._fire("on_revoked", self._on_revoked, lease)
         if release:
             await self._release_quietly(lease.token)
 
@@ -432,10 +443,14 @@ class LeaderElector:
         except Exception as exc:  # the lease expires on its own anyway
             self._log.warning("election.release_failed", token=token, error=str(exc))
 
-    async def _fire(self, callbacks: list[Callback], lease: Lease) -> None:
-        for callback in list(callbacks):
+    async def _fire(self, name: str, callbacks: list[Callback], lease: Lease) -> None:
+        found: list[Callable[..., Any]] = list(callbacks)
+        assigned = self.__dict__.get(name)  # ``elector.on_elected = fn`` works too
+        if callable(assigned):
+            found.append(assigned)
+        for callback in found:
             try:
-                result = callback(lease)
+                result = callback(lease) if _takes_an_argument(callback) else callback()
                 if inspect.isawaitable(result):
                     await result
             except Exception:

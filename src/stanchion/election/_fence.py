@@ -6,6 +6,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, final
 
+from stanchion.election._api import _takes_an_argument
 from stanchion.errors import ConfigError
 from stanchion.urls import BackendRegistry, default_registry, parse_url
 
@@ -35,23 +36,39 @@ class Fence:
     - ``redis://``: a :class:`redis.asyncio.client.Pipeline` in ``MULTI``
       after ``WATCH`` of the fence key; queue commands on it, the fence
       update and your commands run in one ``EXEC``;
+    - ``file:///dir``: the directory (the resource's token file is locked
+      while ``fn`` runs);
+    - ``etcd://``: None (the token is advanced by compare-and-swap, then
+      ``fn`` runs);
     - ``memory://``: None.
 
-    ``fn`` may be a plain function or a coroutine function.
+    ``fn`` may be a plain function or a coroutine function, taking the
+    handle or no argument at all.
 
     For tables of your own, put the rule in the statement instead:
     :meth:`update_sql` builds ``UPDATE … SET …, fencing_token = $n WHERE …
     AND fencing_token <= $n``; zero rows updated means a newer leader wrote.
 
     Args:
-        url: ``sqlite:///path.db``, ``postgresql://…``, ``redis://…`` or
-            ``memory://name`` (``?prefix=`` honoured).
+        url: ``sqlite:///path.db``, ``postgresql://…``, ``redis://…``,
+            ``file:///dir``, ``etcd://host:port`` or ``memory://name``
+            (``?prefix=`` honoured).
         resource: the name of the fenced resource.
 
     .. versionadded:: 0.1
     """
 
     __slots__ = ("_backend", "resource", "url")
+
+    SQL = (
+        "UPDATE {table} SET {assignments}, fencing_token = $1 "
+        "WHERE ({where}) AND fencing_token <= $1"
+    )
+    """The fencing rule as a SQL snippet (PostgreSQL placeholders; ``$1`` is the token).
+
+    Zero rows updated means a newer term has written: the caller is deposed.
+    :meth:`update_sql` fills it in with checked identifiers.
+    """
 
     def __init__(
         self,
@@ -81,7 +98,10 @@ class Fence:
         """
         if isinstance(token, bool) or not isinstance(token, int):
             raise ConfigError(f"a fencing token is an int, got {token!r}")
-        result: T = await self._backend.write(self.resource, token, fn)
+        call: Callable[[Any], Awaitable[T] | T] = fn
+        if not _takes_an_argument(fn):
+            call = lambda _handle: fn()  # type: ignore[call-arg]  # noqa: E731
+        result: T = await self._backend.write(self.resource, token, call)
         return result
 
     async def current(self) -> int | None:

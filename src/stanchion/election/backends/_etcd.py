@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import math
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 
 from stanchion.election._backend import Capabilities, Grant, Holder
-from stanchion.errors import BackendUnavailable, ConfigError
+from stanchion.errors import BackendUnavailable, ConfigError, StaleFencingToken
 from stanchion.urls import ParsedURL
 
-__all__ = ["EtcdLeases"]
+__all__ = ["EtcdFence", "EtcdLeases"]
+
+T = TypeVar("T")
 
 
 def _b64(data: str | bytes) -> str:
@@ -217,3 +221,66 @@ class EtcdLeases:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class EtcdFence:
+    """Fenced resources in etcd: the highest token per resource, advanced by compare-and-swap.
+
+    ``write`` reads ``<prefix>stanchion/fence/<resource>``, rejects a lower
+    token, records the new one with a transaction guarded by the key's
+    ``mod_revision`` (retrying if another writer moved it), then runs
+    ``fn(None)``. Once a newer term has recorded its token, every older
+    term's write is rejected; ``fn`` itself is not part of the etcd
+    transaction, so put your side effects behind the fence (or use a SQL
+    fence, which commits them together).
+    """
+
+    def __init__(self, leases: EtcdLeases) -> None:
+        self._etcd = leases
+
+    @classmethod
+    def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> EtcdFence:
+        """Build from a parsed ``etcd://host:port`` URL."""
+        return cls(EtcdLeases.from_url(parsed, connect_timeout=connect_timeout))
+
+    def _key(self, resource: str) -> str:
+        return f"{self._etcd._prefix}stanchion/fence/{resource}"
+
+    async def write(self, resource: str, token: int, fn: Callable[[Any], Awaitable[T] | T]) -> T:
+        """Advance the resource's token to ``token`` (or reject it), then run ``fn``."""
+        key = self._key(resource)
+        while True:
+            kv = await self._etcd._range(key)
+            if kv is None:
+                compare = {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+                           "create_revision": "0"}  # fmt: skip
+            else:
+                current = int(base64.b64decode(kv.get("value", "")).decode() or 0)
+                if token < current:
+                    raise StaleFencingToken(resource, token, current)
+                if token == current:
+                    break
+                compare = {"key": _b64(key), "target": "MOD", "result": "EQUAL",
+                           "mod_revision": str(kv["mod_revision"])}  # fmt: skip
+            answer = await self._etcd._post(
+                "/v3/kv/txn",
+                {"compare": [compare],
+                 "success": [{"request_put": {"key": _b64(key), "value": _b64(str(token))}}]},
+            )  # fmt: skip
+            if answer.get("succeeded"):
+                break
+        result = fn(None)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def current(self, resource: str) -> int | None:
+        """The highest token accepted for ``resource``."""
+        kv = await self._etcd._range(self._key(resource))
+        if kv is None:
+            return None
+        return int(base64.b64decode(kv.get("value", "")).decode() or 0)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self._etcd.aclose()

@@ -33,20 +33,21 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import inspect
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from stanchion.election._backend import Capabilities, Grant, Holder
-from stanchion.errors import BackendUnavailable, ConfigError
+from stanchion.errors import BackendUnavailable, ConfigError, StaleFencingToken
 from stanchion.urls import ParsedURL
 
-__all__ = ["FileLeases"]
+__all__ = ["FileFence", "FileLeases"]
 
 T = TypeVar("T")
 
@@ -301,3 +302,89 @@ class FileLeases:
         """Drop every alive lock this backend holds."""
         for key in list(self._alive):
             self._drop_alive(*key)
+
+
+class FileFence:
+    """Fenced writes guarded by a token file: ``<dir>/<resource>.fence``.
+
+    The token file is held under ``flock(LOCK_EX)`` while the token is
+    checked, ``fn(path)`` runs (``path`` is the directory, for files you
+    write next to it) and the new token is recorded, so concurrent writers
+    of one resource are serialised. If ``fn`` raises, the token is not
+    recorded.
+    """
+
+    def __init__(self, directory: str, *, prefix: str = "", timeout: float = 5.0) -> None:
+        self._leases = FileLeases(directory, prefix=prefix, timeout=timeout)
+        self._dir = Path(directory)
+        self._prefix = prefix
+        self._timeout = timeout
+
+    @classmethod
+    def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> FileFence:
+        """Build from a parsed ``file:///dir`` URL."""
+        leases = FileLeases.from_url(parsed, connect_timeout=connect_timeout)
+        return cls(str(leases._dir), prefix=leases._prefix, timeout=connect_timeout)
+
+    def _path(self, resource: str) -> Path:
+        return self._dir / f"{quote(self._prefix + resource, safe='')}.fence"
+
+    def _lock(self, resource: str) -> int:
+        self._leases._ensure_dir()
+        fd = os.open(self._path(resource), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise BackendUnavailable(
+                        f"{self._path(resource)} stayed locked for {self._timeout:g}s"
+                    ) from None
+                time.sleep(0.002)
+
+    @staticmethod
+    def _read(fd: int) -> int | None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 64).strip()
+        return int(raw) if raw else None
+
+    @staticmethod
+    def _record(fd: int, token: int) -> None:
+        data = str(token).encode()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, data)
+        os.fsync(fd)
+
+    async def write(self, resource: str, token: int, fn: Callable[[Any], Awaitable[T] | T]) -> T:
+        """Check ``token`` under the resource's lock, run ``fn(dir)``, record the token."""
+        try:
+            fd = await asyncio.to_thread(self._lock, resource)
+        except OSError as exc:
+            raise BackendUnavailable(f"fence {self._path(resource)}: {exc}") from exc
+        try:
+            current = self._read(fd)
+            if current is not None and token < current:
+                raise StaleFencingToken(resource, token, current)
+            result = fn(self._dir)
+            if inspect.isawaitable(result):
+                result = await result
+            if current != token:
+                self._record(fd, token)
+            return result
+        finally:
+            os.close(fd)
+
+    async def current(self, resource: str) -> int | None:
+        """The highest token accepted for ``resource``."""
+        try:
+            raw = (await asyncio.to_thread(self._path(resource).read_bytes)).strip()
+        except FileNotFoundError:
+            return None
+        return int(raw) if raw else None
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
