@@ -615,6 +615,47 @@ class ProjectionRunner:
 
     # -- rebuild ---------------------------------------------------------------
 
+    async def _catch_up_shadow(self) -> None:
+        """Project into the shadow up to the store's current head.
+
+        Reads through ``subscribe``, never ``read_all``: on PostgreSQL a plain
+        read can return position 101 while 100 is still in an open
+        transaction, and a shadow swapped in at 101 would never see 100.
+        """
+        target = await head_position(self.store)
+        if target is None:  # a store that cannot tell its head: read what is there
+            while True:
+                events = [
+                    e
+                    async for e in self.store.read_all(
+                        from_position=self._shadow_cp + 1, limit=self.batch_size
+                    )
+                ]
+                events = fresh(events, self._shadow_cp, _position)
+                if not events:
+                    return
+                await self._commit(events, None, shadow=True)
+        if target <= self._shadow_cp:
+            return
+        batch: list[Any] = []
+        subscription = self.store.subscribe(from_position=self._shadow_cp + 1)
+        try:
+            async for event in subscription:
+                batch.append(event)
+                done = _position(event) >= target
+                if done or len(batch) >= self.batch_size:
+                    events = fresh(batch, self._shadow_cp, _position)
+                    batch = []
+                    if events:
+                        await self._commit(events, None, shadow=True)
+                if done:
+                    return
+        finally:
+            close = getattr(subscription, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
     async def rebuild(self, *, attempts: int = 100) -> Checkpoint:
         """Rebuild the view from position 0 into a shadow, then swap it in atomically.
 
@@ -636,17 +677,7 @@ class ProjectionRunner:
         try:
             await self._setup(True)
             for _ in range(attempts):
-                while True:
-                    events = [
-                        e
-                        async for e in self.store.read_all(
-                            from_position=self._shadow_cp + 1, limit=self.batch_size
-                        )
-                    ]
-                    events = fresh(events, self._shadow_cp, _position)
-                    if not events:
-                        break
-                    await self._commit(events, None, shadow=True)
+                await self._catch_up_shadow()
                 if await rm.swap(self.name, self._shadow_cp):
                     self.log.info("cqrs.projection.rebuilt", checkpoint=self._shadow_cp)
                     self._advance(self._shadow_cp, force=not self._projecting)
