@@ -129,6 +129,11 @@ class PostgresLeases:
 
         async def go(conn: Any) -> Grant | Holder | None:
             await self._setup(conn)
+            # Read first (MVCC, no row lock): while a lease is held, followers' polls
+            # must not queue on the row lock the leader's renewal needs.
+            holder = await self._observe(conn, group)
+            if holder is not None:
+                return holder
             token = await conn.fetchval(
                 f"INSERT INTO {self._t} AS l (grp, holder, token, expires_at) "
                 "VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) "
