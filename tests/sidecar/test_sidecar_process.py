@@ -23,6 +23,8 @@ CHILD_SIGNALS = textwrap.dedent("""
         print(f"child got {signal.Signals(sig).name}", flush=True)
         if sig == signal.SIGTERM:
             sys.exit(7)
+        if sig == signal.SIGINT:
+            sys.exit(130)
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, on)
     print("ready", flush=True)
@@ -88,7 +90,10 @@ def messages(tmp: Path) -> list[str]:
     return [r["message"] for r in records(tmp)]
 
 
-def test_signals_forwarded_and_exit_code_passed_through(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 7), (signal.SIGINT, 130)])
+def test_signals_forwarded_and_exit_code_passed_through(
+    tmp_path: Path, stop: signal.Signals, status: int
+) -> None:
     cfg = config(tmp_path, '[capture]\nformat = "text"')
     p = sidecar(cfg, sys.executable, "-c", CHILD_SIGNALS)
     try:
@@ -96,11 +101,11 @@ def test_signals_forwarded_and_exit_code_passed_through(tmp_path: Path) -> None:
         p.send_signal(signal.SIGHUP)  # forwarded, the child keeps running
         wait_for(lambda: "child got SIGHUP" in messages(tmp_path))
         assert p.poll() is None
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(20) == 7  # the child's own exit status
+        p.send_signal(stop)
+        assert p.wait(20) == status  # the child's own exit status
     finally:
         p.kill()
-    assert messages(tmp_path)[-1] == "child got SIGTERM"
+    assert messages(tmp_path)[-1] == f"child got {stop.name}"
 
 
 def test_grace_then_sigkill(tmp_path: Path) -> None:
@@ -226,12 +231,14 @@ poll_interval = 0.02
 def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
     port = free_port()
     cfg = config(tmp_path, '[capture]\nformat = "json"', f'listen = "127.0.0.1:{port}"')
-    child = "import json,time\nfor i in range(5): print(json.dumps({'msg': i}), flush=True)\n"
-    child += "time.sleep(30)"
+    child = "import json,sys,time\nfor i in range(5): print(json.dumps({'msg': i}), flush=True)\n"
+    child += "print('oops on stderr', file=sys.stderr, flush=True)\ntime.sleep(30)"
     p = sidecar(cfg, sys.executable, "-c", child)
     try:
         wait_for_port(port, 20)
-        wait_for(lambda: len(records(tmp_path)) == 5)
+        wait_for(lambda: len(records(tmp_path)) == 6)
+        err = next(r for r in records(tmp_path) if r["source"] == "stderr")
+        assert err["message"] == "oops on stderr" and err["labels"]["stream"] == "stderr"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
             doc = json.loads(r.read())
         assert doc["status"] == "ok" and doc["child"]["alive"] and doc["child"]["restarts"] == 0
@@ -239,7 +246,8 @@ def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert 'stanchion_sidecar_records_in_total{source="stdout"} 5.0' in text
-        assert 'stanchion_sidecar_records_out_total{sink="out"} 5.0' in text
+        assert 'stanchion_sidecar_records_in_total{source="stderr"} 1.0' in text
+        assert 'stanchion_sidecar_records_out_total{sink="out"} 6.0' in text
         assert "stanchion_sidecar_buffer_bytes" in text
         assert "stanchion_sidecar_child_restarts_total 0.0" in text
         p.send_signal(signal.SIGTERM)

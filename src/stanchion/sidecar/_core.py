@@ -90,6 +90,7 @@ __all__ = [
     "LogRecord",
     "Multiline",
     "Pipeline",
+    "Processor",
     "ReadPlan",
     "RestartDecision",
     "RestartPolicy",

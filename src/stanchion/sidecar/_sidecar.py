@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from stanchion.sidecar._core import (
     LogRecord,
     Multiline,
     Pipeline,
+    Processor,
     TailTracker,
 )
 from stanchion.sidecar._sinks import Sink, SinkRejected, make_sink
@@ -128,6 +130,8 @@ class Sidecar:
         options: the validated configuration.
         argv: the child's command line (may be empty: files only).
         metrics: where to register metrics (a private registry by default).
+        processors: callables run on every record after parsing (return the
+            record, changed or not, or ``None`` to drop it), for every source.
 
     Call :meth:`run`, which returns the exit status to exit with.
 
@@ -135,9 +139,14 @@ class Sidecar:
     """
 
     def __init__(
-        self, options: SidecarOptions, argv: list[str], metrics: Metrics | None = None
+        self,
+        options: SidecarOptions,
+        argv: list[str],
+        metrics: Metrics | None = None,
+        processors: Sequence[Processor] = (),
     ) -> None:
         self.opts = options
+        self.processors = tuple(processors)
         self.argv = list(argv)
         self.metrics = metrics or Metrics()
         m = self.metrics
@@ -254,7 +263,9 @@ class Sidecar:
         that instant, and a partial last line or an open multiline record.
         """
         parse = self.opts.stdout_parse if stream == "stdout" else self.opts.stderr_parse
-        pipeline = Pipeline(parse.parser(), stream, {**self.labels, "stream": stream})
+        pipeline = Pipeline(
+            parse.parser(), stream, {**self.labels, "stream": stream}, self.processors
+        )
         s = _Stream(parse, pipeline, run_id, 0)
         echo = (sys.stdout if stream == "stdout" else sys.stderr).buffer
         loop = asyncio.get_running_loop()
@@ -429,7 +440,9 @@ class Sidecar:
             [FileState.from_dict(d) for d in saved],
         )
         self._trackers[inp.name] = tracker
-        pipeline = Pipeline(inp.parse.parser(), inp.name, {**self.labels, "stream": "file"})
+        pipeline = Pipeline(
+            inp.parse.parser(), inp.name, {**self.labels, "stream": "file"}, self.processors
+        )
         streams: dict[str, _Stream] = {}
         fds: dict[str, tuple[int, int]] = {}  # identity -> (fd, inode)
         loop = asyncio.get_running_loop()
