@@ -327,3 +327,29 @@ def test_command_not_found_exits_127(tmp_path: Path) -> None:
     p = sidecar(config(tmp_path), str(tmp_path / "no-such-binary"))
     _, err = p.communicate(timeout=30)
     assert p.returncode == 127 and "cannot start" in err
+
+
+async def test_rename_out_of_the_glob_keeps_reading_the_old_file(tmp_path: Path) -> None:
+    from stanchion.sidecar import Sidecar, load_config
+
+    log = tmp_path / "svc.log"
+    extra = f'[[files]]\nname = "svc"\npaths = ["{log}"]\nformat = "text"\n'
+    extra += "poll_interval = 0.02\nrotate_wait = 1.0\n"
+    child = textwrap.dedent(f"""
+        import os, time
+        f = open({str(log)!r}, "a")
+        for i in range(3):
+            f.write(f"old {{i}}\\n"); f.flush()
+        time.sleep(0.3)
+        os.rename({str(log)!r}, {str(log)!r} + ".1")   # not matched by the glob
+        time.sleep(0.3)
+        f.write("old 3, written after the rename\\n"); f.flush()  # still the old fd
+        g = open({str(log)!r}, "a")
+        g.write("new 0\\n"); g.flush()
+        time.sleep(1.5)
+    """)
+    code = await Sidecar(load_config(config(tmp_path, extra)),
+                         [sys.executable, "-c", child]).run()  # fmt: skip
+    assert code == 0
+    got = [r["message"] for r in records(tmp_path) if r["source"] == "svc"]
+    assert got == ["old 0", "old 1", "old 2", "old 3, written after the rename", "new 0"]

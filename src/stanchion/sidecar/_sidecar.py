@@ -463,6 +463,7 @@ class Sidecar:
             return pos, got, False
 
         readpos: dict[str, int] = {}
+        idle_since: dict[str, float] = {}
         while True:
             stats: list[FileStat] = []
             paths: set[str] = set()
@@ -492,7 +493,13 @@ class Sidecar:
                 behind = behind or not eof
                 if state is not None:
                     state.offset = s.safe_offset
-                if not got:
+                now = loop.time()
+                if got:
+                    idle_since[ident] = now
+                # the writer may still append through its old descriptor for a while
+                # (until it reopens): keep reading for rotate_wait seconds of silence
+                elif now - idle_since.setdefault(ident, now) >= inp.rotate_wait:
+                    idle_since.pop(ident, None)
                     self._ingest(s.flush(time.time()), inp.name)
                     if state is not None:
                         state.offset = s.safe_offset
