@@ -353,3 +353,16 @@ async def test_rename_out_of_the_glob_keeps_reading_the_old_file(tmp_path: Path)
     assert code == 0
     got = [r["message"] for r in records(tmp_path) if r["source"] == "svc"]
     assert got == ["old 0", "old 1", "old 2", "old 3, written after the rename", "new 0"]
+
+
+def test_collector_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from stanchion.cli import main
+
+    assert main(["collector", "--retention", "soon"]) == 1
+    assert "ConfigError: 'soon' is not a duration" in capsys.readouterr().err
+    assert main(["collector", "--store", "redis://127.0.0.1:6379/0"]) == 1
+    assert capsys.readouterr().err.startswith("ConfigError: ")
+    assert main(["collector", "--listen", "nowhere"]) == 1
+    assert "not HOST:PORT" in capsys.readouterr().err
+    assert main(["collector", "--max-body", "lots"]) == 1
+    assert "is not a size" in capsys.readouterr().err
