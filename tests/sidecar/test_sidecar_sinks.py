@@ -253,3 +253,28 @@ async def test_two_sinks_each_with_its_own_buffer(
     assert await Sidecar(o2, [sys.executable, "-c", "pass"]).run() == 0
     pushed = b"".join(b for p, _, b in rec.requests if p == "/api/push").splitlines()
     assert [msgspec.json.decode(x)["message"] for x in pushed] == [f"event {i}" for i in range(50)]
+
+
+async def test_batches_too_large_for_the_collector_are_split(tmp_path: Path) -> None:
+    from stanchion.sidecar import Collector, CollectorOptions, open_store
+
+    port = free_port()
+    collector = Collector(
+        open_store(f"sqlite:///{tmp_path / 'logs.db'}"), CollectorOptions(max_body_bytes=8192)
+    )
+    await collector.start("127.0.0.1", port)
+    try:
+        child = (
+            "import json\n"
+            "for i in range(100): print(json.dumps({'msg': f'm{i}', 'pad': 'x' * 100}))\n"
+            "print(json.dumps({'msg': 'huge', 'pad': 'y' * 20000}))\n"
+        )
+        sinks = [{"name": "c", "type": "collector", "url": f"http://127.0.0.1:{port}",
+                  "batch_max_bytes": 1048576, "batch_timeout": 0.5}]  # fmt: skip
+        sidecar = Sidecar(opts(tmp_path, sinks), [sys.executable, "-c", child])
+        assert await sidecar.run() == 0
+        assert await collector.store.count() == 100  # all, in batches that fit
+        text = sidecar.metrics.render().decode()
+        assert 'stanchion_sidecar_records_dropped_total{reason="rejected",sink="c"} 1.0' in text
+    finally:
+        await collector.aclose()

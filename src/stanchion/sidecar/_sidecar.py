@@ -197,6 +197,7 @@ class Sidecar:
     async def _ship(self, r: _SinkRunner) -> None:
         policy = r.buffer.policy
         attempt = 0
+        max_records = policy.batch_max_records
         name = r.sink.name
         while True:
             unread = r.buffer.unread_bytes()
@@ -218,7 +219,9 @@ class Sidecar:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(r.wake.wait(), max(0.001, policy.batch_timeout - age))
                 continue
-            batch = r.buffer.read(policy.batch_max_records, policy.batch_max_bytes)
+            batch = r.buffer.read(
+                min(policy.batch_max_records, max_records), policy.batch_max_bytes
+            )
             if batch is None:
                 r.first_unsent = None
                 await asyncio.sleep(0.01)
@@ -226,6 +229,12 @@ class Sidecar:
             try:
                 await r.sink.send(batch.data, batch.count)
             except SinkRejected as exc:
+                if exc.status == 413 and batch.count > 1:
+                    # too large for the receiver: same records, smaller batches
+                    r.buffer.rewind()
+                    max_records = max(1, batch.count // 2)
+                    log.warning("sidecar.batch_too_large", sink=name, retry_records=max_records)
+                    continue
                 r.buffer.ack(batch)
                 self.m_dropped.labels(name, "rejected").inc(batch.count)
                 log.error("sidecar.batch_rejected", sink=name, records=batch.count, error=str(exc))
@@ -241,6 +250,7 @@ class Sidecar:
                 await asyncio.sleep(delay)
                 continue
             r.buffer.ack(batch)
+            max_records = policy.batch_max_records
             if not r.reachable:
                 log.info("sidecar.sink_up", sink=name)
             r.reachable = True
