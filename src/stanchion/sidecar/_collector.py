@@ -14,6 +14,10 @@ HTTP API::
                         "Accept: text/event-stream"
     GET  /health        {"status": "ok", "records": n}
     GET  /metrics       Prometheus
+
+Deduplication is by record id over what is stored: an id deleted by retention
+is accepted again if a sidecar re-sends it (re-sends are of unacknowledged
+batches, seconds old, so in practice only with a retention of seconds).
 """
 
 from __future__ import annotations

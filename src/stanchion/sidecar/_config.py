@@ -4,7 +4,7 @@ Example::
 
     [sidecar]
     service = "orders"              # label "service" (default: the command's name)
-    instance = "orders-1"           # label "instance" (default: host-pid)
+    instance = "orders-1"           # label "instance" (default: the host name)
     state_dir = ".stanchion/sidecar"  # checkpoints and disk buffers
     listen = "127.0.0.1:9400"       # /health and /metrics ("" to disable)
     grace = 10.0                    # seconds between SIGTERM and SIGKILL
@@ -48,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -216,7 +215,7 @@ class SidecarOptions:
         """The base labels of every record."""
         return {
             "service": self.service or service,
-            "instance": self.instance or f"{self.host}-{os.getpid()}",
+            "instance": self.instance or self.host,
             "host": self.host,
             **self.labels,
         }
