@@ -230,10 +230,14 @@ poll_interval = 0.02
 
 def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
     port = free_port()
-    cfg = config(tmp_path, '[capture]\nformat = "json"', f'listen = "127.0.0.1:{port}"')
+    cfg = config(tmp_path, '[capture]\nformat = "json"')
     child = "import json,sys,time\nfor i in range(5): print(json.dumps({'msg': i}), flush=True)\n"
     child += "print('oops on stderr', file=sys.stderr, flush=True)\ntime.sleep(30)"
-    p = sidecar(cfg, sys.executable, "-c", child)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "stanchion", "sidecar", "--config", str(cfg),
+         "--listen", f"127.0.0.1:{port}", "--", sys.executable, "-c", child],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         wait_for_port(port, 20)
         wait_for(lambda: len(records(tmp_path)) == 6)
