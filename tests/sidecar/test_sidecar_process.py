@@ -370,3 +370,15 @@ def test_collector_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -
     assert "not HOST:PORT" in capsys.readouterr().err
     assert main(["collector", "--max-body", "lots"]) == 1
     assert "is not a size" in capsys.readouterr().err
+
+
+async def test_a_grandchild_holding_the_pipe_does_not_block_the_exit(tmp_path: Path) -> None:
+    from stanchion.sidecar import Sidecar, load_config
+
+    cfg = config(tmp_path, '[capture]\nformat = "text"')
+    # the shell leaves a background sleeper holding stdout, then exits with 5
+    child = ["sh", "-c", "echo before; (sleep 4 &) ; echo after; exit 5"]
+    t0 = time.monotonic()
+    assert await Sidecar(load_config(cfg), child).run() == 5
+    assert time.monotonic() - t0 < 15
+    assert messages(tmp_path) == ["before", "after"]

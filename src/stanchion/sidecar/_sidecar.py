@@ -364,7 +364,13 @@ class Sidecar:
                 asyncio.create_task(self._read_pipe(fd, name, run_id)) for name, fd in fds.items()
             ]
             code = await proc.wait()
-            await asyncio.gather(*readers, return_exceptions=True)
+            # the pipes end when every holder closed them; a grandchild left running in
+            # the background may keep them open: read what is there, then let go
+            if readers:
+                _, late = await asyncio.wait(readers, timeout=2.0)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
             self.m_child_up.set(0)
             log.info("sidecar.child_exited", pid=proc.pid, returncode=code)
             if time.monotonic() - started >= self.opts.restart.reset_after:
