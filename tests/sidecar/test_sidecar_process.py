@@ -382,3 +382,20 @@ async def test_a_grandchild_holding_the_pipe_does_not_block_the_exit(tmp_path: P
     assert await Sidecar(load_config(cfg), child).run() == 5
     assert time.monotonic() - t0 < 15
     assert messages(tmp_path) == ["before", "after"]
+
+
+async def test_two_sidecars_cannot_share_a_state_dir(tmp_path: Path) -> None:
+    import asyncio
+
+    from stanchion.errors import ConfigError
+    from stanchion.sidecar import Sidecar, load_config
+
+    options = load_config(config(tmp_path, '[capture]\nformat = "text"'))
+    first = asyncio.create_task(
+        Sidecar(options, [sys.executable, "-c", "import time; time.sleep(1.5)"]).run()
+    )
+    await asyncio.sleep(0.3)
+    with pytest.raises(ConfigError, match="in use by another sidecar"):
+        await Sidecar(options, [sys.executable, "-c", "pass"]).run()
+    assert await first == 0
+    assert await Sidecar(options, [sys.executable, "-c", "pass"]).run() == 0  # free again

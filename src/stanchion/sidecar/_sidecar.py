@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from stanchion.errors import BackendUnavailable
+from stanchion.errors import BackendUnavailable, ConfigError
 from stanchion.observability import CONTENT_TYPE, Metrics, get_logger
 from stanchion.sidecar._buffer import DiskBuffer
 from stanchion.sidecar._config import FileInput, ParseOptions, SidecarOptions, _split_listen
@@ -670,6 +670,7 @@ class Sidecar:
         Returns the exit status: the child's, or 128 + N when a signal N killed it.
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = self._lock_state_dir()
         for so in self.opts.sinks:
             buf = DiskBuffer(self.state_dir / "buffers" / so.name, so.buffer)
             self.runners.append(_SinkRunner(make_sink(so.name, so.type, so.options), buf, so))
@@ -723,7 +724,26 @@ class Sidecar:
                 await http.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            os.close(lock_fd)
         return code if code >= 0 else 128 - code
+
+    def _lock_state_dir(self) -> int:
+        """Take the state directory for this sidecar alone (its buffers and positions)."""
+        import fcntl
+
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"state_dir {str(self.state_dir)!r} is in use by another sidecar (pid {owner}); "
+                "give each sidecar its own state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
 
     def stop(self) -> None:
         """Ask the sidecar to stop (as SIGTERM would)."""
