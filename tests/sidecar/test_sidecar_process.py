@@ -338,7 +338,7 @@ async def test_rename_out_of_the_glob_keeps_reading_the_old_file(tmp_path: Path)
 
     log = tmp_path / "svc.log"
     extra = f'[[files]]\nname = "svc"\npaths = ["{log}"]\nformat = "text"\n'
-    extra += "poll_interval = 0.02\nrotate_wait = 1.0\n"
+    extra += "poll_interval = 0.02\nrotate_wait = 5.0\n"
     child = textwrap.dedent(f"""
         import os, time
         f = open({str(log)!r}, "a")
@@ -350,7 +350,7 @@ async def test_rename_out_of_the_glob_keeps_reading_the_old_file(tmp_path: Path)
         f.write("old 3, written after the rename\\n"); f.flush()  # still the old fd
         g = open({str(log)!r}, "a")
         g.write("new 0\\n"); g.flush()
-        time.sleep(1.5)
+        time.sleep(0.2)
     """)
     code = await Sidecar(load_config(config(tmp_path, extra)),
                          [sys.executable, "-c", child]).run()  # fmt: skip
@@ -399,3 +399,15 @@ async def test_two_sidecars_cannot_share_a_state_dir(tmp_path: Path) -> None:
         await Sidecar(options, [sys.executable, "-c", "pass"]).run()
     assert await first == 0
     assert await Sidecar(options, [sys.executable, "-c", "pass"]).run() == 0  # free again
+
+
+def test_stdout_sink_writes_ndjson_records(tmp_path: Path) -> None:
+    sink = '[[sinks]]\nname = "out"\ntype = "stdout"\nbatch_timeout = 0.01\n'
+    cfg = config(tmp_path, '[capture]\nformat = "logfmt"', sink=sink)
+    p = sidecar(cfg, sys.executable, "-c", "print('level=error msg=\"disk full\" dev=sda')")
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [(r["level"], r["message"], r["fields"]) for r in recs] == [
+        ("error", "disk full", {"dev": "sda"})
+    ]
