@@ -29,6 +29,7 @@ need_pkgs=()
 command -v etcd >/dev/null || need_pkgs+=(etcd-server etcd-client)
 command -v rsyslogd >/dev/null || need_pkgs+=(rsyslog)
 command -v wrk >/dev/null || need_pkgs+=(wrk)
+command -v chromium >/dev/null || need_pkgs+=(chromium)  # the dashboard's browser test
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "ci: installing ${need_pkgs[*]}"
   as_root apt-get update -qq

@@ -5,6 +5,8 @@ same machine conditions):
 
 * the success path in the closed state, sync and async;
 * the cost of a rejection in the open state (call + raise + catch);
+* how long a retry with a 0.5 s deadline takes to give up when every attempt
+  fails after 0.3 s (stanchion, tenacity, stamina);
 
 for stanchion and the peers pybreaker, circuitbreaker, aiobreaker, purgatory,
 tenacity and stamina (retry wrappers with no retry needed). Each figure is
@@ -35,7 +37,7 @@ import pybreaker
 import stamina
 import tenacity
 
-from stanchion.resilience import CircuitBreaker
+from stanchion.resilience import CircuitBreaker, Exponential, Policy, Retry
 
 SyncCase = Callable[[], object]
 AsyncCase = Callable[[], Awaitable[object]]
@@ -71,6 +73,8 @@ def sync_success_cases() -> dict[str, SyncCase]:
         "bare call": work,
         "stanchion @breaker": st(work),
         "stanchion breaker.call": lambda: st_call.call(work),
+        "stanchion Retry (no retry)": Retry(3)(work),
+        "stanchion Policy(Retry, breaker)": Policy(Retry(3), CircuitBreaker("p"))(work),
         "circuitbreaker": cb(work),
         "pybreaker": pb(work),
         "purgatory": pg("bench")(work),
@@ -92,6 +96,8 @@ def async_success_cases() -> dict[str, AsyncCase]:
     return {
         "bare await": awork,
         "stanchion @breaker": st(awork),
+        "stanchion Retry (no retry)": Retry(3)(awork),
+        "stanchion Policy(Retry, breaker)": Policy(Retry(3), CircuitBreaker("ap"))(awork),
         "circuitbreaker": cb(awork),
         "aiobreaker": ab(awork),
         "purgatory": purg,
@@ -144,6 +150,53 @@ def sync_reject_cases() -> dict[str, SyncCase]:
         "pybreaker": _catch(f_pb, Exception),
         "purgatory": _catch(f_pg, Exception),
     }
+
+
+# -- deadlines ---------------------------------------------------------------------
+
+
+async def slow_fail() -> None:
+    await asyncio.sleep(0.3)
+    raise ConnectionError("down")
+
+
+def deadline_cases() -> dict[str, AsyncCase]:
+    st = Retry(10, backoff=Exponential(0.05, 0.2), deadline=0.5)
+    ten = tenacity.retry(
+        stop=tenacity.stop_after_delay(0.5),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=0.2),
+        retry=tenacity.retry_if_exception_type(ConnectionError),
+    )(slow_fail)
+    sta = stamina.retry(
+        on=ConnectionError, attempts=10, timeout=0.5, wait_initial=0.05, wait_max=0.2
+    )(slow_fail)
+    return {
+        "stanchion Retry(deadline=0.5)": lambda: st.call_async(slow_fail),
+        "tenacity stop_after_delay(0.5)": ten,
+        "stamina timeout=0.5": sta,
+    }
+
+
+def deadline_table(repeat: int) -> str:
+    lines = [
+        "### Deadline 0.5 s, every attempt fails after 0.3 s (async): time to give up",
+        "",
+        "| library | best s | worst s |",
+        "|---|---:|---:|",
+    ]
+
+    async def run() -> None:
+        for name, fn in deadline_cases().items():
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                with contextlib.suppress(Exception):
+                    await fn()
+                times.append(time.perf_counter() - t0)
+            lines.append(f"| {name} | {min(times):.3f} | {max(times):.3f} |")
+
+    asyncio.run(run())
+    return "\n".join(lines)
 
 
 # -- timing -------------------------------------------------------------------------
@@ -232,6 +285,7 @@ def main() -> int:
             best_of(sync_reject_cases(), args.number, args.rounds, slow),
             "bare raise+catch",
         ),
+        deadline_table(3),
     ]
     print("\n\n".join(out))
     return 0

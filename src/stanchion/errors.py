@@ -146,6 +146,7 @@ class RetryExhausted(StanchionError):
         attempts: how many attempts were made.
         last_exception: the exception of the last attempt, if it raised.
         last_result: the result of the last attempt, if it returned.
+        reason: why it stopped: ``"attempts"``, ``"deadline"`` or ``"budget"``.
     """
 
     def __init__(
@@ -155,11 +156,13 @@ class RetryExhausted(StanchionError):
         attempts: int,
         last_exception: BaseException | None = None,
         last_result: object = None,
+        reason: str = "attempts",
     ) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.last_exception = last_exception
         self.last_result = last_result
+        self.reason = reason
 
 
 class CallTimeout(StanchionError, TimeoutError):

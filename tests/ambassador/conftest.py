@@ -157,6 +157,10 @@ class _UpProto(asyncio.Protocol):
                 sent += len(part)
                 if self.t.get_write_buffer_size() > 1 << 20:
                     await self._drain()
+        elif path == "/close-delimited":
+            assert self.t is not None
+            self.t.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil-eof")
+            self.t.close()
         elif path == "/chunked":
             assert self.t is not None
             self.t.write(

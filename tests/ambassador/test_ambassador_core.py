@@ -384,3 +384,33 @@ def test_parse_address() -> None:
     assert parse_address(":8080") == ("0.0.0.0", 8080)
     with pytest.raises(ValueError):
         parse_address("host")
+
+
+def test_envoy_style_spellings_are_accepted() -> None:
+    cfg = load_config(
+        "t",
+        '[[upstreams]]\nname="u"\nendpoints="http://h:1"\n'
+        '[[routes]]\nprefix="/"\nupstream="u"\n'
+        '[routes.retry]\nattempts = 2\non = "5xx, reset"\n'
+        "backoff = { base_interval = 0.1, max_interval = 1.0 }\n"
+        "[routes.fault]\nabort = { status = 503, percentage = 5.0 }\n"
+        "delay = { seconds = 0.2, percentage = 50.0 }\n",
+    )
+    r = cfg.routes[0]
+    assert r.retry.on == frozenset({"5xx", "reset"})
+    assert (r.retry.backoff_base, r.retry.backoff_max) == (0.1, 1.0)
+    assert r.fault == FaultConfig(delay=0.2, delay_percentage=50.0, abort=503, abort_percentage=5.0)
+
+
+def test_envoy_header_spellings() -> None:
+    cfg = load_config(
+        "t",
+        '[[upstreams]]\nname="u"\nendpoints="http://h:1"\n'
+        '[[routes]]\nprefix="/"\nupstream="u"\n'
+        'request_headers_to_add = { "x-a" = "1" }\nresponse_headers_to_remove = ["server"]\n'
+        "rate_limit = { requests_per_second = 5.0 }\n",
+    )
+    r = cfg.routes[0]
+    assert r.request_headers.add == ((b"x-a", b"1"),)
+    assert r.response_headers.remove == frozenset({b"server"})
+    assert r.rate_limit is not None and r.rate_limit.rate == 5.0 and r.rate_limit.burst == 5

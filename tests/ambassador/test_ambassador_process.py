@@ -232,11 +232,14 @@ async def test_admin_endpoints_and_access_log(
 
 
 async def test_two_workers_share_the_port(
-    start_ambassador: object, upstream: UpstreamFactory
+    start_ambassador: object, upstream: UpstreamFactory, tmp_path: Path
 ) -> None:
-    up = await upstream()
+    up, other = await upstream("u"), await upstream("other")
     amb = start_ambassador(  # type: ignore[operator]
-        upstream_toml("u", up.url) + '[[routes]]\nprefix="/"\nupstream="u"\n', workers=2
+        upstream_toml("u", up.url)
+        + upstream_toml("other", other.url)
+        + '[[routes]]\nprefix="/"\nupstream="u"\n',
+        workers=2,
     )
     rs = await asyncio.gather(*(request(amb.port, "GET", f"/{i}") for i in range(200)))
     assert [r.status for r in rs] == [200] * 200, [
@@ -252,6 +255,12 @@ async def test_two_workers_share_the_port(
     circuits = (await request(amb.admin, "GET", "/circuits")).json()
     assert len(circuits["workers"]) == 2
     assert sum(1 for w in circuits["workers"] if w["upstreams"]) == 2
+    # a config change reaches every worker (the parent validates, then signals them)
+    cfg = tmp_path / "ambassador.toml"
+    cfg.write_text(cfg.read_text().replace('upstream="u"', 'upstream="other"'))
+    await asyncio.sleep(1.5)
+    rs = await asyncio.gather(*(request(amb.port, "GET", f"/{i}") for i in range(50)))
+    assert {r.json()["upstream"] for r in rs} == {"other"}
 
 
 def _ppid(pid: int) -> int:

@@ -463,3 +463,92 @@ async def test_pool_reuses_upstream_connections(
     for _ in range(20):
         assert (await request(amb.port, "GET", "/x")).status == 200
     assert up.connections == 1
+
+
+async def test_pool_limit_overflow_is_503(
+    upstream: UpstreamFactory, ambassador: AmbassadorFactory
+) -> None:
+    up = await upstream()
+    amb = await ambassador(
+        upstream_toml(
+            "u", up.url, extra="connect_timeout = 0.3\n[upstreams.pool]\nmax_connections = 1\n"
+        )
+        + '[[routes]]\nprefix="/"\nupstream="u"\n'
+    )
+    slow, fast = await asyncio.gather(
+        request(amb.port, "GET", "/slow/1000"),
+        request(amb.port, "GET", "/x"),
+    )
+    assert slow.status == 200
+    assert fast.status == 503 and fast.headers["x-stanchion-reason"] == "pool-overflow"
+    assert up.connections == 1
+
+
+async def test_http10_head_expect_and_close_delimited(
+    upstream: UpstreamFactory, ambassador: AmbassadorFactory
+) -> None:
+    up = await upstream()
+    amb = await ambassador(upstream_toml("u", up.url) + '[[routes]]\nprefix="/"\nupstream="u"\n')
+    # HTTP/1.0 without Host: served, then closed
+    out = await raw(amb.port, b"GET /ten HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and b'"path": "/ten"' in out
+    # HEAD: headers only, connection still usable
+    async with KeepAliveClient(amb.port) as c:
+        assert c.writer is not None and c.reader is not None
+        c.writer.write(b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await c.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length" in head.lower()
+        assert (await c.get("/after-head")).json()["path"] == "/after-head"
+    # Expect: 100-continue answered by the proxy, the body then flows
+    out = await raw(
+        amb.port,
+        b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\nexpect: 100-continue\r\n"
+        b"connection: close\r\n\r\nabc",
+    )
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200") and b'"body_len": 3' in out
+    assert "expect" not in up.requests()[-1].headers
+    # a response delimited by the upstream closing is re-framed for the client
+    r = await request(amb.port, "GET", "/close-delimited")
+    assert r.status == 200 and r.body == b"until-eof"
+
+
+async def test_local_replies_carry_a_request_id(ambassador: AmbassadorFactory) -> None:
+    amb = await ambassador(
+        upstream_toml("u", "http://127.0.0.1:9") + '[[routes]]\npath="/x"\nupstream="u"\n'
+    )
+    r = await request(amb.port, "GET", "/nope", {"x-request-id": "abc"})
+    assert r.headers["x-request-id"] == "abc" and r.json()["request_id"] == "abc"
+    r = await request(amb.port, "GET", "/nope")
+    assert r.headers["x-request-id"] and r.json()["request_id"] == r.headers["x-request-id"]
+
+
+async def test_default_admin_port_taken_does_not_stop_the_proxy(
+    upstream: UpstreamFactory,
+) -> None:
+    import io
+    import socket
+
+    from stanchion.ambassador import Ambassador, load_config
+
+    up = await upstream()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        blocker.bind(("127.0.0.1", 9901))
+        blocker.listen()
+    except OSError:
+        pass  # someone else holds it already: same situation
+    cfg = load_config(
+        "t",
+        '[listen]\naddress = "127.0.0.1:0"\n'
+        + upstream_toml("u", up.url)
+        + '[[routes]]\nprefix="/"\nupstream="u"\n',
+    )
+    amb = Ambassador(cfg, access_log=io.StringIO())
+    try:
+        await amb.start()
+        assert amb.admin_port == 0
+        assert (await request(amb.port, "GET", "/x")).status == 200
+    finally:
+        await amb.close(grace=0.1)
+        blocker.close()

@@ -189,3 +189,23 @@ def test_admin_is_loopback_only_by_default() -> None:
     )
     problems = check_config_file("a.toml", '[admin]\naddress = "0.0.0.0:9901"\n' + base)
     assert problems and "loopback" in problems[0]
+
+
+async def test_header_timeout_applies_to_later_requests_on_a_kept_alive_connection(
+    proxied: tuple[Ambassador, FakeUpstream],
+) -> None:
+    amb, _ = proxied
+    reader, writer = await asyncio.open_connection("127.0.0.1", amb.port)
+    writer.write(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    writer.write(b"GET /second HTTP/1.1\r\nhost: x\r\n")  # never finished
+    async with asyncio.timeout(5):
+        out = await reader.read()
+    assert out.startswith(b"HTTP/1.1 408")
+    assert 0.3 < time.monotonic() - t0 < 2.0
+    writer.close()

@@ -120,8 +120,8 @@ async def test_sigkill_mid_batch_then_restart_equals_single_replay(
     else:
         store_url = f"sqlite:///{tmp_path / 'events.db'}"
         views_url = f"sqlite:///{tmp_path / 'views.db'}"
-    total = 6000
-    trap_at = 3700
+    total = 3000
+    trap_at = 1850
     trap_file = tmp_path / "trapped"
     async with await EventStore.connect(store_url) as store:
         await _append(store, 0, total)
@@ -173,7 +173,7 @@ async def test_two_runners_with_election_failover(
         store_url = f"sqlite:///{tmp_path / 'events.db'}"
         views_url = f"sqlite:///{tmp_path / 'views.db'}"
         election = f"sqlite:///{tmp_path / 'election.db'}"
-    first, more = 1500, 1500
+    first, more = 800, 800
     async with await EventStore.connect(store_url) as store:
         await _append(store, 0, first)
         children = {
@@ -188,7 +188,7 @@ async def test_two_runners_with_election_failover(
 
             async def has_leader_progress() -> bool:
                 cp = await _checkpoint(rm)
-                return cp.position >= 300 and await observer.leader() is not None
+                return cp.position >= 200 and await observer.leader() is not None
 
             await _wait(has_leader_progress, 60, "a leader to project", procs)
             writer = asyncio.ensure_future(_append(store, first, more, per_append=15))

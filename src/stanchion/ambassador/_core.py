@@ -846,6 +846,8 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
         path,
     )
     d = RetryPolicy()
+    if isinstance(t.get("on"), str):
+        t = {**t, "on": [c.strip() for c in t["on"].split(",") if c.strip()]}
     on = w.strings(t, "on", path)
     if on is None:
         on_set = set(d.on)
@@ -876,7 +878,13 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
     backoff_base, backoff_max = d.backoff_base, d.backoff_max
     if "backoff" in t:
         bp = (*path, "backoff")
-        bt = w.table(t["backoff"], bp)
+        bv = t["backoff"]
+        if isinstance(bv, int | float) and not isinstance(bv, bool):
+            bv = {"base": bv}
+        bt = dict(w.table(bv, bp))
+        for alias, key in (("base_interval", "base"), ("max_interval", "max")):
+            if alias in bt:
+                bt[key] = bt.pop(alias)
         w.unknown(bt, ("base", "max"), bp)
         backoff_base = w.number(bt, "base", bp, d.backoff_base)
         backoff_max = w.number(bt, "max", bp, max(d.backoff_max, backoff_base))
@@ -908,8 +916,22 @@ def _parse_retry(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> RetryPoli
 
 
 def _parse_fault(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> FaultConfig:
-    t = w.table(raw, path)
+    t = dict(w.table(raw, path))
     w.unknown(t, ("delay", "abort", "percentage", "delay_percentage", "abort_percentage"), path)
+    # Envoy-style sub-tables are accepted too: abort = { status = 503, percentage = 10 },
+    # delay = { seconds = 0.5, percentage = 20 }.
+    for key, value_keys in (("abort", ("status", "http_status")), ("delay", ("seconds", "fixed"))):
+        sub = t.get(key)
+        if isinstance(sub, dict):
+            sp = (*path, key)
+            w.unknown(sub, (*value_keys, "percentage"), sp)
+            value = next((sub[k] for k in value_keys if k in sub), None)
+            if value is None:
+                w.err(sp, f"expected {value_keys[0]!r} in the {key} table")
+                value = 0
+            t[key] = value
+            if "percentage" in sub:
+                t[f"{key}_percentage"] = sub["percentage"]
     pct = w.number(t, "percentage", path, 100.0, maximum=100.0)
     abort = w.number(t, "abort", path, 0, integer=True)
     if abort and not 200 <= abort <= 599:
@@ -926,9 +948,30 @@ def _parse_fault(w: _Walker, raw: Any, path: tuple[str | int, ...]) -> FaultConf
     return fault
 
 
+_HEADER_ALIASES = {
+    "request_headers_to_add": ("request_headers", "add"),
+    "request_headers_to_remove": ("request_headers", "remove"),
+    "response_headers_to_add": ("response_headers", "add"),
+    "response_headers_to_remove": ("response_headers", "remove"),
+}
+
+
+def _header_aliases(w: _Walker, t: dict[str, Any], p: tuple[str | int, ...]) -> dict[str, Any]:
+    """Accept Envoy's ``request_headers_to_add`` etc. as spellings of our header tables."""
+    for alias, (table, op) in _HEADER_ALIASES.items():
+        if alias in t:
+            value = t.pop(alias)
+            ops = t.setdefault(table, {})
+            if not isinstance(ops, dict) or op in ops:
+                w.err((*p, alias), f"conflicts with {table}.{op}")
+                continue
+            ops[op] = value
+    return t
+
+
 def _parse_route(w: _Walker, raw: Any, i: int, upstreams: Mapping[str, Any]) -> RouteConfig | None:
     p: tuple[str | int, ...] = ("routes", i)
-    t = w.table(raw, p)
+    t = _header_aliases(w, dict(w.table(raw, p)), p)
     w.unknown(
         t,
         (
@@ -982,6 +1025,9 @@ def _parse_route(w: _Walker, raw: Any, i: int, upstreams: Mapping[str, Any]) -> 
     if "rate_limit" in t:
         rp = (*p, "rate_limit")
         rt = w.table(t["rate_limit"], rp)
+        if "requests_per_second" in rt and "rate" not in rt:
+            rt = {**rt, "rate": rt["requests_per_second"]}
+            del rt["requests_per_second"]
         w.unknown(rt, ("rate", "burst"), rp)
         r = w.number(rt, "rate", rp, 1.0, exclusive_min=True)
         if "rate" not in rt:
@@ -1165,10 +1211,11 @@ class Route:
 class RouteTable:
     """Routes in file order; :meth:`match` returns the first that fits."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_by_host", "_routes")
 
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self._routes = tuple(routes)
+        self._by_host = any(r.host for r in self._routes)
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -1179,7 +1226,7 @@ class RouteTable:
         ``host`` is compared without its port, case-insensitively.
         """
         bare, sep, query = path.partition("?")
-        hostname = _strip_port(host).lower() if host else ""
+        hostname = _strip_port(host).lower() if host and self._by_host else ""
         for rc in self._routes:
             if rc.host and not _host_matches(rc.host, hostname):
                 continue

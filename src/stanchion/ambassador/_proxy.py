@@ -488,6 +488,7 @@ class _Request:
         "replay_bytes",
         "replay_limit",
         "resp_bytes",
+        "rid",
         "sent_any",
         "started",
         "status",
@@ -529,6 +530,7 @@ class _Request:
         self.t0 = 0.0
         self.timed_out = False
         self.early: list[bytes] | None = None
+        self.rid = b""
 
     # body from client ------------------------------------------------------
     def feed_body(self, chunk: bytes) -> None:
@@ -656,6 +658,7 @@ class _Client(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.deadline = 0.0
+        self.idle = False
         self.loop = asyncio.get_running_loop()
         self.paused = 0
         self.closing = False
@@ -809,7 +812,10 @@ class _Client(asyncio.Protocol):
 
     # parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.active is None:
+        if self.idle and self.active is None:
+            # The first request's deadline runs from the accept; later ones from their
+            # first byte.
+            self.idle = False
             self._arm(self.cfg.header_timeout)
         req = _Request(self)
         rt = self.amb._rt
@@ -864,6 +870,8 @@ class _Client(asyncio.Protocol):
             elif n == b"expect":
                 if value.lower() == b"100-continue":
                     req.expect_continue = True
+            elif n == b"x-request-id":
+                req.rid = value
             elif n == b"idempotency-key":
                 req.idempotency_key = True
         if te:
@@ -976,7 +984,11 @@ class _Client(asyncio.Protocol):
             self._start(nxt)
         else:
             self.header_bytes = 0
-            self._arm(self.cfg.header_timeout if self.req is not None else self.cfg.idle_timeout)
+            if self.req is not None:
+                self._arm(self.cfg.header_timeout)
+            else:
+                self.idle = True
+                self._arm(self.cfg.idle_timeout)
 
 
 def _unknown_coding(values: list[bytes]) -> bool:
@@ -1028,6 +1040,7 @@ class Ambassador:
         self._admin_enabled = admin
         self.worker = worker
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
         self._admin: asyncio.Server | None = None
         self._clients: set[_Client] = set()
         self._rt: _Runtime | None = None
@@ -1087,7 +1100,7 @@ class Ambassador:
         """Bind the listener (and the admin listener) and start health checks."""
         self._rt = self._build(self.config, None)
         self._open_log()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         lc = self.config.listen
         self._server = await loop.create_server(
             lambda: _Client(self),
@@ -1100,7 +1113,17 @@ class Ambassador:
         if self._admin_enabled and ac.port >= 0:
             from stanchion.ambassador._admin import AdminProtocol
 
-            self._admin = await loop.create_server(lambda: AdminProtocol(self), ac.host, ac.port)
+            try:
+                self._admin = await loop.create_server(
+                    lambda: AdminProtocol(self), ac.host, ac.port
+                )
+            except OSError as exc:
+                admin_raw = self.config.raw.get("admin")
+                if isinstance(admin_raw, dict) and "address" in admin_raw:
+                    raise
+                # The default admin port is taken (another ambassador on this host): run
+                # without an admin listener rather than refuse to proxy.
+                _log.warning("ambassador.admin_unavailable", address=ac.address, error=str(exc))
         _log.info("ambassador.started", address=lc.address, worker=self.worker, port=self.port)
 
     async def close(self, grace: float = 5.0) -> None:
@@ -1241,7 +1264,7 @@ class Ambassador:
                 self._local(req, abort, "fault-abort", "fault injected", rc)
                 return
         req.replay_limit = rc.retry.replay_buffer_bytes
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline_handle = None
         self._budget.active_requests += 1
         try:
@@ -1398,7 +1421,7 @@ class Ambassador:
         rc = route.config
         pool = up.pools[id(state)]
         state.active += 1
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             try:
                 conn = await pool.acquire(up.config.connect_timeout)
@@ -1444,7 +1467,6 @@ class Ambassador:
         conn_tokens: set[bytes] | None = None
         xff = b""
         xfp = b""
-        rid = b""
         tp = b""
         remove = rc.request_headers.remove
         trusted = peer_trusted(client.peer, rt.trusted)
@@ -1471,7 +1493,6 @@ class Ambassador:
             if n == b"x-forwarded-host":
                 continue
             if n == b"x-request-id":
-                rid = value
                 continue
             if n == b"traceparent":
                 tp = value
@@ -1484,9 +1505,7 @@ class Ambassador:
         append(b"x-forwarded-proto: %s\r\n" % (xfp or b"http"))
         if req.host:
             append(b"x-forwarded-host: %s\r\n" % req.host)
-        if not rid:
-            self._id_counter += 1
-            rid = b"%s-%x" % (self._id_prefix, self._id_counter)
+        rid = req.rid or self._request_id(req)
         append(b"x-request-id: %s\r\n" % rid)
         parsed = parse_traceparent(tp) if tp else None
         bits = self._rng.getrandbits
@@ -1501,6 +1520,8 @@ class Ambassador:
             append(b"transfer-encoding: chunked\r\n")
         elif req.content_length >= 0:
             append(b"content-length: %d\r\n" % req.content_length)
+        elif req.method in ("POST", "PUT", "PATCH"):
+            append(b"content-length: 0\r\n")  # some servers insist (411)
         append(b"\r\n")
         return b"".join(parts)
 
@@ -1520,9 +1541,6 @@ class Ambassador:
         conn = req.conn
         if t is None:
             return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        req.done_waiter = done
         ops = rc.response_headers
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
         append = parts.append
@@ -1583,7 +1601,13 @@ class Ambassador:
         else:
             t.write(head)
         if (no_body and conn is not None and conn.req is None) or req.upstream_done:
-            done.set_result(None)
+            # The whole response is already here: no need to wait (the common small case).
+            if req.out_chunked:
+                t.write(b"0\r\n\r\n")
+            self._finish_log(req, route, up, state, status, attempt, "")
+            return
+        done: asyncio.Future[None] = self._loop.create_future()
+        req.done_waiter = done
         try:
             await done
         except _Attempt as exc:
@@ -1625,6 +1649,7 @@ class Ambassador:
                 "duration_ms": round(elapsed * 1000, 3),
                 "bytes_in": req.body_bytes,
                 "bytes_out": req.resp_bytes,
+                "request_id": req.rid.decode("latin-1"),
             }
             if error:
                 entry["error"] = error
@@ -1637,6 +1662,11 @@ class Ambassador:
             child = metric.labels(*labels)
             self._children[key] = child
         return child
+
+    def _request_id(self, req: _Request) -> bytes:
+        self._id_counter += 1
+        req.rid = b"%s-%x" % (self._id_prefix, self._id_counter)
+        return req.rid
 
     def _local(
         self,
@@ -1655,7 +1685,9 @@ class Ambassador:
             req.conn = None
         if t is None:
             return
-        body = _error_body(status, reason, message, b"")
+        rid = req.rid or self._request_id(req)
+        body = _error_body(status, reason, message, rid)
+        extra += b"x-request-id: %s\r\n" % rid
         close = not req.keep_alive or not req.body_done or self.draining
         t.write(_simple_response(status, body, reason=reason, close=close, extra=extra))
         req.started = True
@@ -1675,6 +1707,7 @@ class Ambassador:
                     "upstream": rc.upstream if rc else "",
                     "status": status,
                     "reason": reason,
+                    "request_id": rid.decode("latin-1"),
                     "duration_ms": round((time.perf_counter() - req.t0) * 1000, 3),
                 }
             )

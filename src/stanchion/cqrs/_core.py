@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -297,6 +298,7 @@ class Lag:
 _QMARK_SCAN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|\?|\$\d""")
 
 
+@functools.lru_cache(maxsize=1024)
 def qmark_to_dollar(sql: str) -> str:
     """Rewrite ``?`` placeholders as ``$1, $2, ...`` (PostgreSQL), outside quotes.
 

@@ -139,7 +139,7 @@ class Outbox:
                 async with self.elector.leadership() as lease:
                     await self._lead(lease)
                     return
-            except (StaleFencingToken, LeadershipLost) as exc:
+            except (StaleFencingToken, LeadershipLost, BackendUnavailable) as exc:
                 self.log.warning("cqrs.outbox.leadership_lost", reason=str(exc))
             finally:
                 self._relaying = False
@@ -167,7 +167,12 @@ class Outbox:
         rm = await self.read_model()
         self._relaying = True
         while True:
-            cp = await rm.checkpoint(self.name)
+            try:
+                cp = await rm.checkpoint(self.name)
+            except BackendUnavailable as exc:
+                self.log.warning("cqrs.outbox.backend_unavailable", error=str(exc))
+                await asyncio.sleep(self.retry_backoff[0])
+                continue
             self._advance(cp.position, force=True)
             queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * self.batch_size, 64))
             pump = asyncio.ensure_future(_pump(self.store, self._checkpoint + 1, queue))
@@ -196,6 +201,9 @@ class Outbox:
                         return
             except CheckpointMoved as moved:
                 self.log.info("cqrs.outbox.resync", checkpoint=moved.stored)
+            except BackendUnavailable as exc:
+                self.log.warning("cqrs.outbox.backend_unavailable", error=str(exc))
+                await asyncio.sleep(self.retry_backoff[0])
             finally:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

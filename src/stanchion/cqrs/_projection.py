@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -152,17 +153,40 @@ class Projection:
         return type_name in self._ignored
 
     def known(self, type_name: str) -> bool:
-        """True when some projection in this process handles or ignores ``type_name``."""
+        """True when ``type_name`` is known to this process.
+
+        Known: handled or ignored by some projection, or applied by some
+        event-sourced aggregate (``stanchion.eventsourcing``) of the process.
+        """
         if type_name in self._ignored or type_name in self._routes:
             return True
-        hit = _KNOWN_CACHE.get(type_name)
-        if hit is None:
-            hit = any(
+        if _KNOWN_CACHE.get(type_name):
+            return True
+        hit = (
+            any(
                 type_name in c._routes or type_name in {event_type_name(t) for t in c.ignores}
                 for c in list(_CLASSES)
             )
-            _KNOWN_CACHE[type_name] = hit
+            or type_name in _aggregate_event_types()
+        )
+        if hit:
+            _KNOWN_CACHE[type_name] = True
         return hit
+
+
+def _aggregate_event_types() -> set[str]:
+    """Event types some event-sourced aggregate of this process applies."""
+    module = sys.modules.get("stanchion.eventsourcing._aggregate")
+    base = getattr(module, "Aggregate", None)
+    if not isinstance(base, type):
+        return set()
+    out: set[str] = set()
+    todo: list[type[Any]] = list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out.update(getattr(cls, "_event_classes", {}) or {})
+        todo.extend(cls.__subclasses__())
+    return out
 
 
 def decode_event(data: Any, cls: type[Any]) -> Any:

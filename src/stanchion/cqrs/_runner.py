@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from stanchion.cqrs._backend import CheckpointMoved, ParkedEvent, ReadModel, Transaction
 from stanchion.cqrs._core import NO_POSITION, Checkpoint, Lag, fresh
 from stanchion.cqrs._projection import Projection, decode_event
-from stanchion.errors import ConfigError, ProjectionError, StaleFencingToken
+from stanchion.errors import BackendUnavailable, ConfigError, ProjectionError, StaleFencingToken
 from stanchion.observability import Metrics, StructLogger, get_logger
 
 __all__ = ["EventSource", "LeaderElectorLike", "Lease", "ProjectionRunner", "ProjectionStatus"]
@@ -288,6 +288,8 @@ class ProjectionRunner:
                     await self._lead(lease)
             except (_LeadershipGone, StaleFencingToken) as exc:
                 self.log.warning("cqrs.projection.leadership_lost", reason=str(exc))
+            except BackendUnavailable as exc:  # the election backend is down: campaign again
+                self.log.warning("cqrs.projection.election_unavailable", error=str(exc))
             except Exception as exc:
                 from stanchion.errors import LeadershipLost
 
@@ -337,18 +339,31 @@ class ProjectionRunner:
 
     async def _project(self, token: int | None, lease: Any) -> None:
         rm = await self.read_model()
+        self._lease = lease
         if self.elector is None:
             self._set_leader(True, None)
+        backoff = self.retry_interval
         try:
-            await self._setup(False)
             while True:
-                cp = await rm.checkpoint(self.name)
-                self._checkpoint = max(NO_POSITION, cp.position)
-                self._advance(cp.position, force=True)
                 try:
+                    await self._setup(False)
+                    cp = await rm.checkpoint(self.name)
+                    self._checkpoint = max(NO_POSITION, cp.position)
+                    self._advance(cp.position, force=True)
                     await self._follow(token, lease)
+                    return  # the subscription ended
                 except CheckpointMoved as moved:
                     self.log.info("cqrs.projection.resync", checkpoint=moved.stored)
+                except BackendUnavailable as exc:
+                    # The store or the read model is down: the open batch was
+                    # rolled back; resume from the checkpoint once it is back.
+                    self.log.warning(
+                        "cqrs.projection.backend_unavailable", error=str(exc), retry_in=backoff
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+                    continue
+                backoff = self.retry_interval
         finally:
             if self.elector is None:
                 self._set_leader(False, None)
@@ -397,9 +412,14 @@ class ProjectionRunner:
                 await self._apply(event, tx)
             try:
                 await tx.flush()
+            except BackendUnavailable:
+                raise
             except Exception as exc:
                 raise _HandlerFailed(events[-1], exc) from exc
             tx.event = None
+            lease = self._lease
+            if not shadow and lease is not None and not lease.is_valid():
+                raise _LeadershipGone("lease expired during the batch")
             await tx.commit(expected, events[-1].position, token)
         except _HandlerFailed as failed:
             await tx.rollback()
@@ -443,7 +463,7 @@ class ProjectionRunner:
             ) from exc
         try:
             await handler(payload, tx)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, BackendUnavailable):
             raise
         except Exception as exc:
             raise _HandlerFailed(event, exc) from exc
@@ -499,6 +519,7 @@ class ProjectionRunner:
     # -- progress, lag, read-your-writes --------------------------------------
 
     _shadow_cp: int = NO_POSITION
+    _lease: Any = None
 
     def _advance(self, position: int, *, force: bool = False) -> None:
         if position > self._checkpoint or force:

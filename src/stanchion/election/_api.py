@@ -13,7 +13,7 @@ from typing import Any, final
 from prometheus_client import CollectorRegistry
 
 from stanchion.clock import Clock, monotonic
-from stanchion.election._backend import Capabilities, LeaseBackend
+from stanchion.election._backend import Capabilities, Grant, Holder, LeaseBackend
 from stanchion.election._core import (
     Acquired,
     Busy,
@@ -27,6 +27,7 @@ from stanchion.election._core import (
     StepDown,
     Tick,
     TryAcquire,
+    Vacated,
     Wait,
 )
 from stanchion.errors import BackendUnavailable, ConfigError, LeadershipLost
@@ -72,6 +73,7 @@ class Lease:
             write) with every side effect.
         lost: an :class:`asyncio.Event` set the moment the lease is lost
             (renewal rejected, deadline passed without renewal, resigned).
+        reason: why the lease was lost (None while it holds).
 
     .. versionadded:: 0.1
     """
@@ -339,7 +341,8 @@ class LeaderElector:
                 if isinstance(action, Wait):
                     delay = max(action.until - now, 0.0)
                     # A little jitter so that candidates do not poll in lockstep.
-                    await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0))
+                    if await self.backend.wait(self.group, delay * random.uniform(0.8, 1.0)):
+                        machine.step(clock(), Vacated())
                     continue
                 assert isinstance(action, TryAcquire)
                 sent = clock()
@@ -359,8 +362,9 @@ class LeaderElector:
                     machine.step(now, Failed(str(exc)))
                     continue
                 failing_since, reached = None, True
-                if grant is None:
-                    machine.step(clock(), Busy())
+                if not isinstance(grant, Grant):
+                    holder = grant if isinstance(grant, Holder) else None
+                    machine.step(clock(), Busy(holder.remaining if holder else None))
                     continue
                 step = machine.step(clock(), Acquired(grant.token, sent))
                 if isinstance(step, StepDown):
@@ -395,7 +399,7 @@ class LeaderElector:
                         self.backend.renew(self.group, self.identity, action.token, self.ttl),
                         min(budget, self.connect_timeout),
                     )
-                except BackendUnavailable as exc:
+                except Exception as exc:  # unreachable, or a bug in a backend: keep trying
                     self._m_renewals.labels(self.group, "failed").inc()
                     self._log.warning("election.renew_failed", token=lease.token, error=str(exc))
                     action = machine.step(clock(), Failed(str(exc)))

@@ -56,8 +56,12 @@ class LeaseBackend(Protocol):
 
     capabilities: Capabilities
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
-        """Take the lease when it is free or expired; None when another holds it.
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
+        """Take the lease when it is free or expired.
+
+        When another candidate holds it, return that :class:`Holder` if the
+        backend knows it cheaply (the follower then retries right when the
+        lease runs out), else None.
 
         The token strictly increases with every grant of the group, in the same
         atomic step that grants the lease.
@@ -76,8 +80,11 @@ class LeaseBackend(Protocol):
         """The current holder, or None when the lease is free or expired."""
         ...
 
-    async def wait(self, group: str, seconds: float) -> None:
-        """Sleep up to ``seconds`` seconds; return early when the lease may be free."""
+    async def wait(self, group: str, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return True early when the lease may be free.
+
+        Backends without change notification sleep and return False.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -35,8 +35,10 @@ Transitions (state, observation) -> (state, action):
 
     FOLLOWER  Tick            -> FOLLOWER  TryAcquire when next_attempt is due, else Wait
     FOLLOWER  Acquired        -> LEADER    Wait(next_renew)        (StepDown if already stale)
-    FOLLOWER  Busy            -> FOLLOWER  Wait(now + poll_every)
+    FOLLOWER  Busy            -> FOLLOWER  Wait(now + poll_every), or until the lease
+                                           expires if that is sooner
     FOLLOWER  Failed          -> FOLLOWER  Wait(now + poll_every)
+    FOLLOWER  Vacated         -> FOLLOWER  TryAcquire (do not wait for the next poll)
     LEADER    Tick            -> LEADER    Renew when due; StepDown past the deadline; else Wait
     LEADER    Renewed         -> LEADER    deadline = max(deadline, sent_at + ttl - margin)
     LEADER    Rejected        -> FOLLOWER  StepDown("taken over")
@@ -72,6 +74,7 @@ __all__ = [
     "StepDown",
     "Tick",
     "TryAcquire",
+    "Vacated",
     "Wait",
 ]
 
@@ -151,7 +154,9 @@ class Acquired:
 
 @dataclass(frozen=True, slots=True)
 class Busy:
-    """Another candidate holds an unexpired lease."""
+    """Another candidate holds an unexpired lease, for ``expires_in`` seconds if known."""
+
+    expires_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +183,12 @@ class Resign:
     """The application gives up leadership."""
 
 
-Observation = Tick | Acquired | Busy | Renewed | Rejected | Failed | Resign
+@dataclass(frozen=True, slots=True)
+class Vacated:
+    """The backend signalled that the lease may be free (holder died or resigned)."""
+
+
+Observation = Tick | Acquired | Busy | Renewed | Rejected | Failed | Resign | Vacated
 
 # -- actions (outputs) -----------------------------------------------------------
 
@@ -277,8 +287,15 @@ class LeaseMachine:
                     return self._step_down("lease granted too late to be trusted")
                 return self._wait(now)
             if isinstance(observation, Busy | Failed):
-                self._next_attempt = now + opts.poll
+                delay = opts.poll
+                if isinstance(observation, Busy) and observation.expires_in is not None:
+                    # Try again just after the holder's lease runs out, not a poll later.
+                    delay = min(delay, max(observation.expires_in, 0.0) + 0.002)
+                self._next_attempt = now + delay
                 return self._wait(now)
+            if isinstance(observation, Vacated):
+                self._next_attempt = now
+                return TryAcquire()
             return self._wait(now)
         # LEADER
         assert self._token is not None

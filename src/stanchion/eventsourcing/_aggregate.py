@@ -113,6 +113,8 @@ class Aggregate:
     snapshot_schema: ClassVar[int] = 1
     _appliers: ClassVar[dict[type, Callable[[Any, Any], None]]] = {}
     _event_classes: ClassVar[dict[str, type]] = {}
+    _decoder_cache: ClassVar[dict[str, tuple[Callable[[bytes], Any], type]]]
+    _hints_cache: ClassVar[dict[str, Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -125,6 +127,18 @@ class Aggregate:
         cls._event_classes = {event_type_name(t): t for t in appliers}
         if "stream_category" not in vars(cls) or not cls.stream_category:
             cls.stream_category = cls.__name__
+
+    @classmethod
+    def _decoders(cls) -> dict[str, tuple[Callable[[bytes], Any], type]]:
+        found: dict[str, tuple[Callable[[bytes], Any], type]] | None = cls.__dict__.get(
+            "_decoder_cache"
+        )
+        if found is None:
+            found = {
+                name: (msgspec.json.Decoder(t).decode, t) for name, t in cls._event_classes.items()
+            }
+            cls._decoder_cache = found
+        return found
 
     def __init__(self, id: str) -> None:
         self.id = str(id)
@@ -160,13 +174,20 @@ class Aggregate:
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Set attributes from a snapshot, converted to the class's annotations."""
-        hints = typing.get_type_hints(type(self))
+        cls = type(self)
+        hints: dict[str, Any] | None = cls.__dict__.get("_hints_cache")
+        if hints is None:
+            hints = cls._hints_cache = typing.get_type_hints(cls)
         for key, value in state.items():
             hint = hints.get(key)
-            setattr(self, key, value if hint is None else msgspec.convert(value, hint))
+            if hint is None or (hint in _PLAIN and type(value) is hint):
+                setattr(self, key, value)
+            else:
+                setattr(self, key, msgspec.convert(value, hint))
 
 
 _SKIP = frozenset({"id", "version"})
+_PLAIN = frozenset({int, str, float, bool})
 
 
 class _Snapshot(msgspec.Struct):
@@ -223,16 +244,32 @@ class Repository(Generic[A]):
             stored = await self.store._backend.load_snapshot(stream)
             if stored is not None:
                 self._restore(aggregate, *stored)
-        classes = cls._event_classes
-        async for recorded in self.store.read_stream(stream, aggregate.version + 1):
-            event_cls = classes.get(recorded.type)
-            if event_cls is None:
-                raise ConfigError(
-                    f"{cls.__name__} cannot apply stored event type {recorded.type!r} "
-                    f"({stream} version {recorded.version}); add an @applies method"
-                )
-            aggregate._apply(msgspec.convert(recorded.data, event_cls))
-            aggregate.version = recorded.version
+        # Hot path: decode each payload straight into its event class (no dict in
+        # between), unless an upcaster must see the payload first.
+        store = self.store
+        upcast = store._upcasters.types
+        decoders = cls._decoders()
+        version = aggregate.version + 1
+        while True:
+            rows = await store._backend.read_stream(stream, version, False, store.PAGE)
+            for row in rows:
+                decoder = decoders.get(row[4])
+                if decoder is None:
+                    raise ConfigError(
+                        f"{cls.__name__} cannot apply stored event type {row[4]!r} "
+                        f"({stream} version {row[1]}); add an @applies method"
+                    )
+                event: Any
+                if row[4] in upcast or row[6]:
+                    event = msgspec.convert(store._recorded(row).data, decoder[1])
+                else:
+                    event = decoder[0](row[5])
+                aggregate._apply(event)
+            if rows:
+                version = aggregate.version = rows[-1][1]
+                version += 1
+            if len(rows) < store.PAGE:
+                break
         if aggregate.version < 0:
             raise AggregateNotFound(aggregate_id)
         return aggregate

@@ -19,6 +19,28 @@ Example::
         await broker.subscribe("sensors.>", on_reading, group="analytics")
         await broker.publish("sensors.room1.temp", {"celsius": 21.5}, key="room1")
 
+Guarantees by backend (``broker.capabilities`` has them as flags):
+
+==========  =========  ==========  ==============  =========  ==================================
+backend     durable    history(1)  crash redeliv.  wildcards  a dead consumer's message returns
+==========  =========  ==========  ==============  =========  ==================================
+memory      no         yes         yes             yes        after ``ack_timeout`` (one process)
+sqlite      yes        yes         yes             yes        after ``ack_timeout`` (leases)
+redis       AOF/RDB    yes         yes             no         ``ack_timeout`` + reclaim period
+nats        yes        yes         yes             yes        after ``ack_timeout`` (ack_wait)
+amqp        yes        declare(2)  yes             yes        when its connection closes
+mqtt        broker(3)  no          no              yes        never to another member
+==========  =========  ==========  ==============  =========  ==================================
+
+(1) a group created after a message was published still receives it.
+(2) RabbitMQ keeps messages only for queues that exist: ``broker.declare()``.
+(3) see :mod:`stanchion.pubsub.backends._mqtt` for exactly what MQTT cannot
+guarantee. Delivery is at-least-once everywhere except MQTT after a consumer
+crash (at-most-once for the crashed member's in-flight messages); the
+:func:`idempotent` middleware makes redeliveries harmless. Per-key order
+(``ordered_by_key``) holds within one subscription; several members of a
+group each keep order only for the messages they receive.
+
 .. versionadded:: 0.1
 """
 

@@ -22,7 +22,7 @@ import contextvars
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final, Self
@@ -59,6 +59,7 @@ from stanchion.urls import BackendRegistry, default_registry
 
 __all__ = [
     "Broker",
+    "Connecting",
     "Handler",
     "Middleware",
     "Outgoing",
@@ -200,7 +201,7 @@ class Broker:
         self._closed = False
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         url: str,
         *,
@@ -209,8 +210,9 @@ class Broker:
         clock: Clock = monotonic,
         logger: StructLogger | None = None,
         backends: BackendRegistry | None = None,
-    ) -> Broker:
-        """Connect to the broker at ``url``.
+    ) -> Connecting:
+        """Connect to the broker at ``url``: ``await Broker.connect(url)`` or
+        ``async with Broker.connect(url) as broker``.
 
         ``memory://name``, ``sqlite:///path.db``, ``redis://host:6379/0``,
         ``nats://host:4222``, ``amqp://user:pass@host/vhost``,
@@ -229,19 +231,23 @@ class Broker:
             ConfigError: bad URL, unknown scheme, missing extra.
             BackendUnavailable: the broker cannot be reached.
         """
-        factory, parsed = (backends or default_registry).load("pubsub", url)
-        open_ = getattr(factory, "open", None)
-        if open_ is None:
-            raise ConfigError(f"pubsub backend for {parsed.masked()} has no open()")
-        driver = await open_(parsed)
-        return cls(
-            driver,
-            url=parsed.masked(),
-            middleware=middleware,
-            metrics=metrics,
-            clock=clock,
-            logger=logger,
-        )
+
+        async def open_() -> Broker:
+            factory, parsed = (backends or default_registry).load("pubsub", url)
+            opener = getattr(factory, "open", None)
+            if opener is None:
+                raise ConfigError(f"pubsub backend for {parsed.masked()} has no open()")
+            driver = await opener(parsed)
+            return cls(
+                driver,
+                url=parsed.masked(),
+                middleware=middleware,
+                metrics=metrics,
+                clock=clock,
+                logger=logger,
+            )
+
+        return Connecting(open_)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -273,7 +279,8 @@ class Broker:
         if key is not None and not isinstance(key, str):
             raise ConfigError(f"key must be a str or None, got {type(key).__name__}")
         payload = _encode_data(data, hdrs)
-        mid = str(id) if id is not None else uuid.uuid4().hex
+        rnd = os.urandom(40).hex()
+        mid = str(id) if id is not None else rnd[48:80]
         if not mid:
             raise ConfigError("message id must not be empty")
         parent = _current.get()
@@ -281,7 +288,6 @@ class Broker:
             inherited = parent.headers.get(H_CORRELATION) if parent is not None else None
             hdrs[H_CORRELATION] = inherited or mid
         tp = hdrs.get(H_TRACEPARENT) or (parent.headers.get(H_TRACEPARENT) if parent else None)
-        rnd = os.urandom(24).hex()
         hdrs[H_TRACEPARENT] = child_traceparent(tp, rnd[:32], rnd[32:48])
         return OutboundMessage(topic, mid, key, hdrs, payload, _now_us())
 
@@ -393,7 +399,8 @@ class Broker:
             dead_letter: dead-letter topic; default ``<topic>.dead``; ``False``
                 drops failed messages (logged) instead.
             ordered_by_key: one message per key at a time, in order; a failing
-                message holds back only its own key.
+                message holds back only its own key. Order holds within this
+                subscription (each member of a group orders what it receives).
             prefetch: at most this many unacked messages held (default
                 ``max(16, 4 * concurrency)``).
             ack_timeout: a message held by a consumer that died is redelivered
@@ -512,6 +519,35 @@ class Broker:
         await self.close()
 
 
+class Connecting:
+    """What :meth:`Broker.connect` returns: await it, or use it with ``async with``.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_broker", "_open")
+
+    def __init__(self, open_: Callable[[], Awaitable[Broker]]) -> None:
+        self._open = open_
+        self._broker: Broker | None = None
+
+    def __await__(self) -> Generator[Any, None, Broker]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Broker:
+        self._broker = await self._open()
+        return self._broker
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._broker is not None:
+            await self._broker.close()
+
+
 class _Held:
     __slots__ = ("delivery", "failures", "timer")
 
@@ -548,13 +584,13 @@ class Subscription:
         self.dead_letter = dead_letter
         self.ordered_by_key = ordered_by_key
         self.concurrency = concurrency
-        self._sem = asyncio.Semaphore(concurrency)
+        self._ready: asyncio.Queue[_Held | None] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
         self._gate = KeyGate()
         self._held: dict[int, _Held] = {}
         self._room = asyncio.Event()
         self._acks: list[object] = []
         self._ack_wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._stopped = asyncio.Event()
         self._consumer: Consumer | None = None
@@ -562,6 +598,7 @@ class Subscription:
         self.max_held = 0
         self._release: list[object] = []
         self._acks_closing = False
+        self._low_water = max(1, spec.prefetch // 2)
         topic = spec.pattern.pattern
         m = broker._m
         self._m_delivered = m.delivered.labels(topic, spec.group)
@@ -597,6 +634,7 @@ class Subscription:
         self._consumer = await self._broker._driver.consumer(self.spec)
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._fetch_loop()), loop.create_task(self._ack_loop())]
+        self._workers = [loop.create_task(self._worker()) for _ in range(self.concurrency)]
         if self._broker.capabilities.leases:
             self._loops.append(loop.create_task(self._lease_loop()))
 
@@ -609,7 +647,9 @@ class Subscription:
         last_lag = 0.0
         while not self._stopping:
             room = self.spec.prefetch - len(self._held)
-            if room <= 0:
+            # Refill in batches: wait for half the window to free up (a fetch
+            # of one message per ack would cost a round trip per message).
+            if room <= 0 or (self._held and room < self._low_water):
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), _POLL)
@@ -626,6 +666,7 @@ class Subscription:
                 continue
             for d in batch:
                 self._dispatch(d)
+            self._m_in_flight.set(len(self._held))
             now = self._broker._clock()
             if now - last_lag > 2.0:
                 last_lag = now
@@ -670,16 +711,21 @@ class Subscription:
         h = _Held(d)
         self._held[id(h)] = h
         self.max_held = max(self.max_held, len(self._held))
-        self._m_in_flight.set(len(self._held))
         key = d.message.key
         if self.ordered_by_key and key is not None and not self._gate.admit(key, h):
             return
         self._run(h)
 
     def _run(self, h: _Held) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(h))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._ready.put_nowait(h)
+
+    async def _worker(self) -> None:
+        # ``concurrency`` long-lived workers take ready messages in order.
+        while True:
+            h = await self._ready.get()
+            if h is None:
+                return
+            await self._handle(h)
 
     async def _handle(self, h: _Held) -> None:
         h.timer = None
@@ -689,23 +735,24 @@ class Subscription:
             # Delivered too often by the engine (consumers crashed on it).
             await self._give_up(h, msg, f"exceeded max_deliveries={self.policy.max_deliveries}")
             return
-        async with self._sem:
-            if self._stopping and h.failures:
-                self._finish(h, ack=False)
-                return
-            self._m_delivered.inc()
-            token = _current.set(msg)
-            _current_sub.set(self)
-            t0 = time.perf_counter()
-            try:
-                await self._handler(msg)
-            except Exception as exc:
-                self._m_latency.observe(time.perf_counter() - t0)
-                _current.reset(token)
-                await self._failed(h, msg, exc)
-                return
+        if self._stopping and h.failures:
+            self._finish(h, ack=False)
+            return
+        self._m_delivered.inc()
+        token = _current.set(msg)
+        sub_token = _current_sub.set(self)
+        t0 = time.perf_counter()
+        try:
+            await self._handler(msg)
+        except Exception as exc:
             self._m_latency.observe(time.perf_counter() - t0)
             _current.reset(token)
+            _current_sub.reset(sub_token)
+            await self._failed(h, msg, exc)
+            return
+        self._m_latency.observe(time.perf_counter() - t0)
+        _current.reset(token)
+        _current_sub.reset(sub_token)
         self._finish(h, ack=True)
 
     async def _failed(self, h: _Held, msg: Message, exc: Exception) -> None:
@@ -768,8 +815,8 @@ class Subscription:
         else:
             self._release.append(h.delivery.token)
         self._ack_wake.set()
-        self._room.set()
-        self._m_in_flight.set(len(self._held))
+        if len(self._held) <= self.spec.prefetch - self._low_water:
+            self._room.set()
         key = h.delivery.message.key
         if self.ordered_by_key and key is not None:
             nxt = self._gate.release(key)
@@ -809,8 +856,15 @@ class Subscription:
             for item in self._gate.drain():
                 assert isinstance(item, _Held)
                 self._finish(item, ack=False)
-            if self._tasks:
-                _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            # Fetched but not started: hand back. Running: let them finish.
+            while not self._ready.empty():
+                item = self._ready.get_nowait()
+                if item is not None:
+                    self._finish(item, ack=False)
+            for _ in self._workers:
+                self._ready.put_nowait(None)
+            if self._workers:
+                _, pending = await asyncio.wait(set(self._workers), timeout=timeout)
                 for t in pending:
                     t.cancel()
                 if pending:

@@ -381,25 +381,28 @@ class KeyGate:
 class OffsetTracker:
     """Committable offsets of partitioned logs whose messages finish out of order.
 
-    ``track(partition, offset)`` when a message is handed out, ``done(...)``
-    when it is acked or dead-lettered; ``done`` returns the new offset to
-    commit (the next offset to read, Kafka's convention) when the contiguous
-    finished prefix grew, else None.
+    ``track(partition, offset)`` when a message is handed out (in offset
+    order, as a partition is read), ``done(...)`` when it is acked or
+    dead-lettered; ``done`` returns the new offset to commit (the next offset
+    to read, Kafka's convention) when it moved, else None. The committed
+    offset is the smallest still-open offset, or one past the highest handed
+    out when none is open: offsets never handed out (gaps left by compaction
+    or transaction markers) do not hold it back.
     """
 
-    __slots__ = ("_done", "_floor", "_open")
+    __slots__ = ("_committed", "_high", "_open")
 
     def __init__(self) -> None:
         self._open: dict[Any, set[int]] = {}
-        self._done: dict[Any, set[int]] = {}
-        self._floor: dict[Any, int] = {}
+        self._high: dict[Any, int] = {}
+        self._committed: dict[Any, int] = {}
 
     def track(self, partition: Any, offset: int) -> None:
         """A message at ``offset`` of ``partition`` was handed out."""
         self._open.setdefault(partition, set()).add(offset)
-        floor = self._floor.get(partition)
-        if floor is None or offset < floor:
-            self._floor[partition] = offset
+        self._committed.setdefault(partition, offset)
+        if offset > self._high.get(partition, -1):
+            self._high[partition] = offset
 
     def done(self, partition: Any, offset: int) -> int | None:
         """The message finished; the offset to commit if it moved, else None."""
@@ -407,25 +410,11 @@ class OffsetTracker:
         if opened is None or offset not in opened:
             return None
         opened.discard(offset)
-        finished = self._done.setdefault(partition, set())
-        finished.add(offset)
-        floor = self._floor[partition]
-        moved = False
-        while floor in finished:
-            finished.discard(floor)
-            floor += 1
-            moved = True
-        # Offsets may have gaps (compaction, transactions): jump over them when
-        # nothing smaller is still open.
-        if not opened and finished:
-            floor = max(finished) + 1
-            finished.clear()
-            moved = True
-        elif opened and min(opened) > floor and not any(o < min(opened) for o in finished):
-            floor = min(opened)
-            moved = True
-        self._floor[partition] = floor
-        return floor if moved else None
+        new = min(opened) if opened else self._high[partition] + 1
+        if new > self._committed.get(partition, -1):
+            self._committed[partition] = new
+            return new
+        return None
 
     def pending(self, partition: Any) -> int:
         """Messages of ``partition`` handed out and not finished."""
@@ -434,8 +423,8 @@ class OffsetTracker:
     def forget(self, partition: Any) -> None:
         """Drop a partition's state (it was revoked)."""
         self._open.pop(partition, None)
-        self._done.pop(partition, None)
-        self._floor.pop(partition, None)
+        self._high.pop(partition, None)
+        self._committed.pop(partition, None)
 
 
 # -- wire envelope -------------------------------------------------------------

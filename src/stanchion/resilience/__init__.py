@@ -6,6 +6,13 @@ states), works on sync and async code (``call``, ``call_async``, ``@breaker``,
 ``with breaker:``, ``async with breaker:``) and can share its state across
 processes through a store URL (``store="redis://..."``).
 
+Also: ``Retry`` (``Exponential`` full-jitter or ``Fixed`` back-off, an
+overall deadline that caps the last sleep and attempt, a ``RetryBudget``
+shared by many retries), ``Timeout`` (async), ``Bulkhead``, ``RateLimiter``
+and ``Policy`` / ``wrap`` to compose them, outermost first::
+
+    RateLimiter -> Bulkhead -> Retry -> CircuitBreaker -> Timeout -> call
+
 Example::
 
     from stanchion.resilience import CircuitBreaker, CircuitOpenError, State
@@ -14,6 +21,10 @@ Example::
 
     @breaker
     async def charge(order_id: str) -> dict[str, object]: ...
+
+Errors (all under ``StanchionError``): ``CircuitOpenError`` (``.name``,
+``.retry_after``), ``RetryExhausted``, ``CallTimeout`` (a ``TimeoutError``),
+``BulkheadFull``, ``RateLimited``.
 
 .. versionadded:: 0.1
 """

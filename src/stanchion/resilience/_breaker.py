@@ -74,6 +74,16 @@ class StateChanged:
     new: State
     at: float
 
+    @property
+    def from_state(self) -> State:
+        """Alias of ``old``."""
+        return self.old
+
+    @property
+    def to_state(self) -> State:
+        """Alias of ``new``."""
+        return self.new
+
 
 @dataclass(frozen=True, slots=True)
 class CallSucceeded:
@@ -124,6 +134,14 @@ BreakerEvent = StateChanged | CallSucceeded | CallFailed | ErrorIgnored | SlowCa
 """Any event a breaker emits to its listeners."""
 
 _KINDS = ("state_change", "success", "error", "ignored_error", "slow_call", "rejected", "any")
+_ALIASES = {
+    "rejection": "rejected",
+    "reject": "rejected",
+    "ignored": "ignored_error",
+    "slow": "slow_call",
+    "failure": "error",
+    "state": "state_change",
+}
 
 
 # -- Prometheus: figures are read at scrape time, nothing is paid per call ------
@@ -278,9 +296,12 @@ class CircuitBreaker:
         half_open_calls: int = 10,
         max_wait_half_open: float = 0.0,
         record: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
         | type[BaseException]
         | Callable[[BaseException], bool] = (Exception,),
-        ignore: tuple[type[BaseException], ...] | type[BaseException] = (),
+        ignore: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
+        | type[BaseException] = (),
         record_result: Callable[[Any], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         store: str | None = None,
@@ -307,6 +328,8 @@ class CircuitBreaker:
         self._record_pred: Callable[[BaseException], bool] | None = None
         if isinstance(record, type):
             record = (record,)
+        elif isinstance(record, list):
+            record = tuple(record)
         if isinstance(record, tuple):
             self._record_types: tuple[type[BaseException], ...] = record
         elif callable(record):
@@ -410,8 +433,11 @@ class CircuitBreaker:
             self._drain()
         sh = self._shared
         if sh is not None and not sh.fallback and sh.last_metrics is not None:
-            # connected: the shared window is the one that decides
-            return dataclasses.replace(sh.last_metrics, state=snap.state)
+            # connected: the shared window is the one that decides (rejections
+            # are counted by each replica)
+            return dataclasses.replace(
+                sh.last_metrics, state=snap.state, not_permitted_calls=snap.not_permitted_calls
+            )
         return snap
 
     @property
@@ -485,6 +511,19 @@ class CircuitBreaker:
         """Call ``cb(event)`` for every event of any kind."""
         return self._add("any", cb)
 
+    def on(self, event: str, cb: Callable[..., object]) -> Callable[..., object]:
+        """Register ``cb`` for ``event`` by name.
+
+        Names: ``state_change``, ``success``, ``error``, ``ignored_error``,
+        ``slow_call``, ``rejected`` (or ``rejection``), ``any``.
+        """
+        kind = _ALIASES.get(event, event)
+        if kind == "state_change":
+            return self.on_state_change(cb)
+        if kind not in _KINDS:
+            raise ConfigError(f"unknown breaker event {event!r}; one of {', '.join(_KINDS)}")
+        return self._add(kind, cb)
+
     def _add(self, kind: str, cb: Callable[[Any], object]) -> Callable[..., object]:
         self._listeners[kind].append(cb)
         if kind != "state_change":
@@ -538,6 +577,8 @@ class CircuitBreaker:
         if m.transitions:
             self._drain()
         if isinstance(d, Reject):
+            if self._shared is not None and d.state is State.HALF_OPEN:
+                self._shared.want_slot()
             if self._per_call:
                 self._emit("rejected", CallRejected(self.name, d.state, d.retry_after))
             raise CircuitOpenError(self.name, d.retry_after, d.state.value)
@@ -750,6 +791,7 @@ class CircuitBreaker:
     # -- context managers --------------------------------------------------------------
 
     def __enter__(self) -> CircuitBreaker:
+        """Admit the block (or raise CircuitOpenError); its outcome is recorded on exit."""
         entry = self._admit()
         self._cm.set((*self._cm.get(), entry))
         return self
@@ -772,6 +814,7 @@ class CircuitBreaker:
         return False
 
     async def __aenter__(self) -> CircuitBreaker:
+        """Admit the block (or raise CircuitOpenError); a cancellation counts neither way."""
         return self.__enter__()
 
     async def __aexit__(

@@ -23,6 +23,9 @@ The breaker (:class:`BreakerMachine`) follows resilience4j's CircuitBreaker::
     FORCED_OPEN (rejects everything) and DISABLED (admits everything, records
     nothing) are entered and left only by hand: force_open(), disable(), reset().
 
+The automatic arrows are data, in ``TRANSITIONS`` ((state, event) -> state);
+the code decides which event happened and looks the next state up.
+
 Inputs are ``admit(now)`` (may a call run?) and ``record(outcome, now,
 epoch)`` (how did an admitted call end?). Outcomes are small ints so the hot
 path allocates nothing: bit 0 says "failed", bit 1 says "slow"; ``IGNORED``
@@ -75,6 +78,7 @@ __all__ = [
     "SLOW",
     "SLOW_FAILURE",
     "SUCCESS",
+    "TRANSITIONS",
     "Admit",
     "BreakerConfig",
     "BreakerMachine",
@@ -136,6 +140,24 @@ _OPEN = State.OPEN
 _HALF_OPEN = State.HALF_OPEN
 _FORCED_OPEN = State.FORCED_OPEN
 _DISABLED = State.DISABLED
+
+
+# The automatic transitions, as data: (state, event) -> next state. Manual
+# ones (force_open, disable, reset, open) and adopt() (a shared store's
+# decision) may go from any state to any state.
+RATES_EXCEEDED: Final = "rates_exceeded"  # closed window: failure or slow rate >= threshold
+WAIT_ELAPSED: Final = "wait_elapsed"  # open for wait_duration_open
+TRIALS_PASSED: Final = "trials_passed"  # the N trials stayed below both thresholds
+TRIALS_FAILED: Final = "trials_failed"  # the N trials reached a threshold
+TRIALS_TIMED_OUT: Final = "trials_timed_out"  # max_wait_half_open elapsed first
+
+TRANSITIONS: Final[dict[tuple[State, str], State]] = {
+    (_CLOSED, RATES_EXCEEDED): _OPEN,
+    (_OPEN, WAIT_ELAPSED): _HALF_OPEN,
+    (_HALF_OPEN, TRIALS_PASSED): _CLOSED,
+    (_HALF_OPEN, TRIALS_FAILED): _OPEN,
+    (_HALF_OPEN, TRIALS_TIMED_OUT): _OPEN,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +405,7 @@ class BreakerMachine:
         "_sthr",
         "changed_at",
         "config",
+        "demand",
         "epoch",
         "follower",
         "free_slots",
@@ -413,6 +436,7 @@ class BreakerMachine:
         # makes no decision of its own: the shared store's machine decides and
         # the facade applies its state with adopt().
         self.follower = False
+        self.demand = 0  # follower: calls rejected in half-open for want of a slot
 
     def _new_window(self) -> _CountWindow | _TimeWindow:
         c = self.config
@@ -422,6 +446,10 @@ class BreakerMachine:
             return _CountWindow(c.window_size)
         return _TimeWindow(c.window_size)
 
+    def _step(self, event: str, now: float) -> None:
+        """An automatic transition, looked up in :data:`TRANSITIONS`."""
+        self._go(TRANSITIONS[(self.state, event)], now)
+
     def _go(self, new: State, now: float) -> None:
         old = self.state
         self.state = new
@@ -429,6 +457,7 @@ class BreakerMachine:
         self._admit = Admit(self.epoch)
         self.changed_at = now
         self.free_slots = self.config.half_open_calls if new is _HALF_OPEN else 0
+        self.demand = 0
         if new is not _OPEN:
             # OPEN keeps the window that opened it, so its rates stay visible
             # (as in resilience4j); every other state starts afresh.
@@ -446,11 +475,11 @@ class BreakerMachine:
         st = self.state
         if st is _OPEN:
             if now >= self.changed_at + self.config.wait_duration_open:
-                self._go(_HALF_OPEN, now)
+                self._step(WAIT_ELAPSED, now)
         elif st is _HALF_OPEN:
             mw = self.config.max_wait_half_open
             if mw > 0 and now >= self.changed_at + mw:
-                self._go(_OPEN, now)
+                self._step(TRIALS_TIMED_OUT, now)
 
     def admit(self, now: float) -> Admit | Reject:
         """May a call run now? Consumes a trial slot in half-open."""
@@ -464,6 +493,8 @@ class BreakerMachine:
                 if self.free_slots > 0:
                     self.free_slots -= 1
                     return self._admit
+                if self.follower:
+                    self.demand += 1  # ask the shared machine for a trial slot
                 return self._reject(0.0)
             if st is _OPEN:
                 return self._reject(
@@ -496,16 +527,16 @@ class BreakerMachine:
             if w.add(outcome, now) or w.n == self._min:
                 n = w.n
                 if n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
-                    self._go(_OPEN, now)
+                    self._step(RATES_EXCEEDED, now)
             return
         # half-open: decide once the N trials are in
         w.add(outcome, now)
         n = w.n
         if n >= self._hmin:
             if w.failed / n >= self._fthr or w.slow / n >= self._sthr:
-                self._go(_OPEN, now)
+                self._step(TRIALS_FAILED, now)
             else:
-                self._go(_CLOSED, now)
+                self._step(TRIALS_PASSED, now)
 
     def record_successes(self, k: int, now: float, at: float | None = None) -> None:
         """Record ``k`` successful, not slow calls of the current CLOSED period.
@@ -525,7 +556,7 @@ class BreakerMachine:
         n = w.n
         changed = before < self._min <= n or isinstance(w, _TimeWindow)
         if changed and n >= self._min and (w.failed / n >= self._fthr or w.slow / n >= self._sthr):
-            self._go(_OPEN, now)
+            self._step(RATES_EXCEEDED, now)
 
     def record_rejections(self, k: int) -> None:
         """Count ``k`` calls the facade rejected on its own (OPEN, before the wait ended)."""
@@ -553,10 +584,29 @@ class BreakerMachine:
         return self._min - n if n < self._min else 1 << 62
 
     def adopt(self, state: State, changed_at: float, now: float) -> None:
-        """Take the state decided elsewhere (the shared store), entered at ``changed_at``."""
+        """Take the state decided elsewhere (the shared store), entered at ``changed_at``.
+
+        A follower entering HALF_OPEN starts with no trial slot: slots are
+        lent by the shared machine (:meth:`lend_slots`), so that exactly
+        ``half_open_calls`` trials run across all replicas.
+        """
         if self.state is not state:
             self._go(state, now)
+            if self.follower and state is _HALF_OPEN:
+                self.free_slots = 0
         self.changed_at = changed_at
+
+    def lend_slots(self, returned: int, wanted: int) -> int:
+        """Shared side: take back ``returned`` unused trial slots, lend up to ``wanted``.
+
+        Returns how many slots are lent (0 unless HALF_OPEN).
+        """
+        if self.state is not _HALF_OPEN:
+            return 0
+        self.free_slots = min(self._hmin, self.free_slots + returned)
+        lent = min(wanted, self.free_slots)
+        self.free_slots -= lent
+        return lent
 
     # -- (de)serialisation for a shared store -----------------------------------
 
@@ -575,7 +625,19 @@ class BreakerMachine:
                 "failed": list(w.b_failed),
                 "slow": list(w.b_slow),
             }
+        c = self.config
         return {
+            "config": {
+                "failure_rate_threshold": c.failure_rate_threshold,
+                "slow_call_rate_threshold": c.slow_call_rate_threshold,
+                "slow_call_duration": c.slow_call_duration,
+                "window_type": c.window_type,
+                "window_size": c.window_size,
+                "minimum_calls": c.minimum_calls,
+                "wait_duration_open": c.wait_duration_open,
+                "half_open_calls": c.half_open_calls,
+                "max_wait_half_open": c.max_wait_half_open,
+            },
             "state": self.state.value,
             "epoch": self.epoch,
             "changed_at": self.changed_at,

@@ -14,10 +14,13 @@ import inspect
 import random
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from prometheus_client import CollectorRegistry
 
 from stanchion.errors import (
     BulkheadFull,
@@ -27,6 +30,7 @@ from stanchion.errors import (
     RateLimited,
     RetryExhausted,
 )
+from stanchion.observability import Metrics
 from stanchion.resilience._breaker import CircuitBreaker
 from stanchion.resilience._core import (
     BudgetWindow,
@@ -59,6 +63,32 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
             f"{name} must be a {'' if allow_zero else 'positive '}number, got {value!r}"
         )
     return float(value)
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+_by_registry_lock = threading.Lock()
+
+
+def _metrics(registry: CollectorRegistry | None) -> Metrics:
+    """One instrument factory per registry, so many policies can share a registry."""
+    if registry is None:
+        return Metrics()
+    with _by_registry_lock:
+        m = _by_registry.get(registry)
+        if m is None:
+            m = _by_registry[registry] = Metrics(registry)
+        return m
+
+
+def _live(obj: object, attr: str) -> Callable[[], float]:
+    """A gauge callback reading ``obj.attr`` without keeping ``obj`` alive."""
+    ref = weakref.ref(obj)
+
+    def read() -> float:
+        o = ref()
+        return float(getattr(o, attr)) if o is not None else 0.0
+
+    return read
 
 
 # == retry budget ==================================================================
@@ -153,6 +183,9 @@ class Retry:
         sleep: blocking sleep for :meth:`call` (tests inject a fake).
         async_sleep: awaitable sleep for :meth:`call_async`.
         rng: uniform [0, 1) source for the jitter.
+        name: label of its Prometheus figures.
+        registry: Prometheus registry for ``stanchion_retry_retries_total`` and
+            ``stanchion_retry_exhausted_total`` (a private one by default).
 
     Raises (from the calls):
         RetryExhausted: attempts, deadline or budget ran out; the last
@@ -167,6 +200,7 @@ class Retry:
         *,
         backoff: Exponential | Fixed | None = None,
         retry_on: tuple[type[BaseException], ...]
+        | list[type[BaseException]]
         | type[BaseException]
         | Callable[[BaseException], bool] = (Exception,),
         retry_on_result: Callable[[Any], bool] | None = None,
@@ -176,6 +210,8 @@ class Retry:
         sleep: Callable[[float], object] = time.sleep,
         async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        name: str = "retry",
+        registry: CollectorRegistry | None = None,
     ) -> None:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ConfigError(f"attempts must be an int >= 1, got {attempts!r}")
@@ -192,6 +228,8 @@ class Retry:
         self._pred: Callable[[BaseException], bool] | None = None
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
+        elif isinstance(retry_on, list):
+            retry_on = tuple(retry_on)
         if isinstance(retry_on, tuple):
             self._types: tuple[type[BaseException], ...] = retry_on
         elif callable(retry_on):
@@ -205,6 +243,15 @@ class Retry:
         self._async_sleep = async_sleep
         self._rng = rng
         self._listeners: list[Callable[[RetryEvent], object]] = []
+        self.name = name
+        m = _metrics(registry)
+        self.registry = m.registry
+        self._m_retries = m.counter(
+            "retry_retries", "Retries made (attempts after the first)", ["name"]
+        ).labels(name)
+        self._m_exhausted = m.counter(
+            "retry_exhausted", "Operations given up, by reason", ["name", "reason"]
+        )
 
     def on_retry(self, cb: Callable[[RetryEvent], object]) -> Callable[[RetryEvent], object]:
         """Call ``cb(RetryEvent)`` before each retry's sleep; returns ``cb``."""
@@ -230,17 +277,21 @@ class Retry:
         if not isinstance(d, GiveUp) and self.budget is not None and not self.budget.try_withdraw():
             d = GiveUp("budget")
         if isinstance(d, GiveUp):
+            self._m_exhausted.labels(self.name, d.reason).inc()
             what = {
                 "attempts": f"all {attempt} attempts failed",
                 "deadline": f"deadline of {self.deadline}s reached after {attempt} attempt(s)",
                 "budget": f"retry budget spent after {attempt} attempt(s)",
             }[d.reason]
             last = f"{type(exc).__name__}: {exc}" if exc is not None else f"result {result!r}"
-            err = RetryExhausted(
-                f"{what}; last {last}", attempts=attempt, last_exception=exc, last_result=result
-            )
-            err.reason = d.reason  # type: ignore[attr-defined]
-            raise err from exc
+            raise RetryExhausted(
+                f"{what}; last {last}",
+                attempts=attempt,
+                last_exception=exc,
+                last_result=result,
+                reason=d.reason,
+            ) from exc
+        self._m_retries.inc()
         for cb in self._listeners:
             try:
                 cb(RetryEvent(d.attempt, d.delay, exc, result))
@@ -295,13 +346,13 @@ class Retry:
                 else:
                     result = await _with_deadline(fn(*args, **kwargs), remaining, self.deadline)
             except _DeadlineHit as hit:
-                err = RetryExhausted(
+                self._m_exhausted.labels(self.name, "deadline").inc()
+                raise RetryExhausted(
                     f"deadline of {self.deadline}s reached during attempt {attempt}",
                     attempts=attempt,
                     last_exception=hit.timeout,
-                )
-                err.reason = "deadline"  # type: ignore[attr-defined]
-                raise err from hit.timeout
+                    reason="deadline",
+                ) from hit.timeout
             except BaseException as exc:
                 if not self._retryable(exc):
                     raise
@@ -422,6 +473,7 @@ class Timeout:
         return awrapper
 
     async def __aenter__(self) -> Timeout:
+        """Cancel the block after ``seconds`` (then CallTimeout is raised)."""
         cm = asyncio.timeout(self.seconds)
         await cm.__aenter__()
         task = asyncio.current_task()
@@ -457,13 +509,20 @@ class Bulkhead:
     Works for threads and asyncio tasks alike (one shared count). A call that
     finds no free slot within ``max_wait`` seconds (0: do not wait) raises
     :class:`~stanchion.errors.BulkheadFull`. Use ``call``, ``call_async``,
-    ``@bulkhead``, ``with bulkhead:`` or ``async with bulkhead:``.
+    ``@bulkhead``, ``with bulkhead:`` or ``async with bulkhead:``. Exports
+    ``stanchion_bulkhead_in_flight`` and ``stanchion_bulkhead_rejected_total``
+    to ``registry`` (a private one by default).
 
     .. versionadded:: 0.1
     """
 
     def __init__(
-        self, max_concurrent: int, max_wait: float = 0.0, *, name: str = "bulkhead"
+        self,
+        max_concurrent: int,
+        max_wait: float = 0.0,
+        *,
+        name: str = "bulkhead",
+        registry: CollectorRegistry | None = None,
     ) -> None:
         if not isinstance(max_concurrent, int) or max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
@@ -478,6 +537,14 @@ class Bulkhead:
             collections.deque()
         )
         self.rejected = 0
+        m = _metrics(registry)
+        self.registry = m.registry
+        self._m_rejected = m.counter(
+            "bulkhead_rejected", "Calls rejected: no free slot within max_wait", ["name"]
+        ).labels(name)
+        m.gauge("bulkhead_in_flight", "Calls holding a slot", ["name"]).labels(name).set_function(
+            _live(self, "_in_flight")
+        )
 
     @property
     def in_flight(self) -> int:
@@ -491,6 +558,7 @@ class Bulkhead:
 
     def _full(self) -> BulkheadFull:
         self.rejected += 1
+        self._m_rejected.inc()
         return BulkheadFull(self.name, self.max_concurrent)
 
     def acquire(self) -> None:
@@ -594,6 +662,7 @@ class Bulkhead:
         return _decorate(fn, self.call, self.call_async)
 
     def __enter__(self) -> Bulkhead:
+        """Hold a slot for the block (or raise BulkheadFull)."""
         self.acquire()
         return self
 
@@ -602,6 +671,7 @@ class Bulkhead:
         return False
 
     async def __aenter__(self) -> Bulkhead:
+        """Hold a slot for the block (or raise BulkheadFull)."""
         await self.acquire_async()
         return self
 
@@ -618,7 +688,9 @@ class RateLimiter:
 
     A call takes a token; with none left it waits for the next one if that is
     within ``max_wait`` seconds (0: do not wait), else raises
-    :class:`~stanchion.errors.RateLimited` with ``retry_after``.
+    :class:`~stanchion.errors.RateLimited` with ``retry_after``. Exports
+    ``stanchion_ratelimiter_tokens`` and ``stanchion_ratelimiter_rejected_total``
+    to ``registry`` (a private one by default).
 
     .. versionadded:: 0.1
     """
@@ -633,6 +705,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
         async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.rate = _positive("rate", rate)
         if burst is None:
@@ -648,6 +721,14 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._bucket = TokenBucket(self.rate, burst, clock())
         self.rejected = 0
+        m = _metrics(registry)
+        self.registry = m.registry
+        self._m_rejected = m.counter(
+            "ratelimiter_rejected", "Calls rejected: no token within max_wait", ["name"]
+        ).labels(name)
+        m.gauge("ratelimiter_tokens", "Tokens in the bucket", ["name"]).labels(name).set_function(
+            _live(self, "available")
+        )
 
     @property
     def available(self) -> float:
@@ -661,6 +742,7 @@ class RateLimiter:
             wait = self._bucket.reserve(now, self.max_wait)
             if wait is None:
                 self.rejected += 1
+                self._m_rejected.inc()
                 raise RateLimited(self.name, self._bucket.retry_after(now))
             return wait
 
@@ -818,8 +900,18 @@ class Policy:
     def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; the signature is kept."""
-        return _decorate(fn, self.call, self.call_async)
+        """Decorate a sync or async function; the signature is kept.
+
+        The layers are composed once, here (each component's own decorator,
+        innermost first), so a decorated call pays no per-call assembly.
+        """
+        f: Callable[..., Any] = fn
+        for layer in (self.timeout, self.breaker, self.retry, self.bulkhead, self.rate_limiter):
+            if layer is not None:
+                f = layer(f)
+        if f is fn:
+            return _decorate(fn, self.call, self.call_async)
+        return f
 
 
 def wrap(*components: Component | None) -> Policy:

@@ -30,10 +30,13 @@ trying (backing off to 1 s); when the store answers, the outcomes seen during
 the outage are pushed, the replica follows again and logs
 ``breaker.store_rejoined``.
 
-Half-open across replicas: each replica admits at most ``half_open_calls``
-trials locally; the shared machine decides once ``half_open_calls`` outcomes
-arrived from any replicas. (Strictly N across all replicas would need a
-round trip per admission, which calls never wait for.)
+Half-open across replicas: exactly ``half_open_calls`` trials run in all.
+The shared machine owns the trial slots and lends them: a follower enters
+HALF_OPEN with no slot, a call finding none is rejected (``retry_after`` 0)
+and counted as demand, and the next exchange returns the replica's unused
+slots and borrows as many as were wanted (atomically, in the same CAS). The
+shared machine decides once ``half_open_calls`` outcomes arrived. Calls never
+wait for a slot: they are rejected at once, as in a local half-open state.
 """
 
 from __future__ import annotations
@@ -42,18 +45,21 @@ import collections
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from stanchion.errors import ConfigError
+from stanchion.errors import ConfigError, ConflictError
 from stanchion.observability import get_logger
 from stanchion.resilience._backend import BreakerStore
 from stanchion.resilience._core import (
     FAILURE,
     IGNORED,
+    BreakerConfig,
     BreakerMachine,
     BreakerMetrics,
+    State,
     Transition,
 )
 from stanchion.urls import default_registry
@@ -61,7 +67,7 @@ from stanchion.urls import default_registry
 if TYPE_CHECKING:
     from stanchion.resilience._breaker import CircuitBreaker
 
-__all__ = ["SharedState"]
+__all__ = ["SharedState", "open_store", "read_shared", "update_shared"]
 
 _OPS = {"forced_open": "force_open", "disabled": "disable", "closed": "reset", "open": "open"}
 _MAX_PENDING = 10_000
@@ -74,6 +80,41 @@ def open_store(url: str) -> BreakerStore:
     if from_url is None:
         raise ConfigError(f"{target!r} is not a breaker store (no from_url)")
     return cast(BreakerStore, from_url(parsed))
+
+
+def read_shared(store: BreakerStore, name: str) -> tuple[int, BreakerMachine] | None:
+    """The (version, machine) stored for ``name`` (config as the writer had it), or None."""
+    got = store.load(name)
+    if got is None:
+        return None
+    data = msgspec.json.decode(got[1])
+    config = BreakerConfig(**data.get("config", {}))
+    return got[0], BreakerMachine.load(config, data)
+
+
+def update_shared(
+    store: BreakerStore,
+    name: str,
+    apply: Callable[[BreakerMachine, float], None],
+    *,
+    config: BreakerConfig | None = None,
+    ttl: float = 3600.0,
+) -> BreakerMachine:
+    """Apply ``apply(machine, wall_now)`` to the shared record by compare-and-set.
+
+    Without a record yet, a machine is made from ``config`` (defaults if None).
+    """
+    for _ in range(20):
+        wall = time.time()
+        found = read_shared(store, name)
+        version, machine = found if found is not None else (0, None)
+        if machine is None:
+            machine = BreakerMachine(config or BreakerConfig(), wall)
+        machine.poll(wall)
+        apply(machine, wall)
+        if store.compare_and_set(name, version, msgspec.json.encode(machine.dump()), ttl):
+            return machine
+    raise ConflictError(f"breaker {name!r}: the shared record kept changing; try again")
 
 
 class SharedState:
@@ -89,6 +130,7 @@ class SharedState:
         self.errors = 0
         self.exchanges = 0
         self.last_metrics: BreakerMetrics | None = None
+        self._slots_epoch = -1  # the shared epoch our lent trial slots belong to
         self._pending: collections.deque[tuple[int, float, str]] = collections.deque(
             maxlen=_MAX_PENDING
         )
@@ -111,6 +153,10 @@ class SharedState:
         self._pending.append((outcome, time.time(), state))
         if outcome & FAILURE:
             self._wake.set()
+
+    def want_slot(self) -> None:
+        """A call was rejected in half-open for want of a trial slot: ask soon."""
+        self._wake.set()
 
     def local_transition(self, t: Transition, manual: bool) -> None:
         """A transition happened locally; manual ones are pushed to the store."""
@@ -136,34 +182,54 @@ class SharedState:
         """One exchange with the store; raises on store errors."""
         batch = [self._pending.popleft() for _ in range(len(self._pending))]
         ops = [self._ops.popleft() for _ in range(len(self._ops))]
+        local = breaker._machine
+        with breaker._lock:
+            # trial slots: give back the unused ones, ask for as many as were wanted
+            lending = local.follower and local.state is State.HALF_OPEN
+            unused = local.free_slots if lending else 0
+            local.free_slots -= unused
+            wanted = local.demand
+            local.demand = 0
+            epoch = local.epoch
         try:
-            shared = self._exchange(breaker, batch, ops)
+            shared, lent = self._exchange(breaker, batch, ops, unused, wanted)
         except BaseException:
             # keep what we could not push, oldest first, for the next attempt
             self._ops.extendleft(reversed(ops))
             room = _MAX_PENDING - len(self._pending)
             if room > 0:
                 self._pending.extendleft(reversed(batch[-room:]))
+            with breaker._lock:
+                if local.epoch == epoch:
+                    local.free_slots += unused
+                    local.demand += wanted
             raise
         self.exchanges += 1
         self.last_metrics = shared.metrics(time.time())
         if self.fallback:
             self.fallback = False
             self._log.info("breaker.store_rejoined", state=shared.state.value)
-        local = breaker._machine
         with breaker._lock:
             now = breaker._clock()
             breaker._flush(now)
             local.follower = True
             local.adopt(shared.state, now - max(0.0, time.time() - shared.changed_at), now)
+            if local.state is State.HALF_OPEN:
+                local.free_slots += lent
+            self._slots_epoch = shared.epoch
             breaker._rearm(now)
         self._synced.set()
         if local.transitions:
             breaker._drain(source="store")
 
     def _exchange(
-        self, breaker: CircuitBreaker, batch: list[tuple[int, float, str]], ops: list[str]
-    ) -> BreakerMachine:
+        self,
+        breaker: CircuitBreaker,
+        batch: list[tuple[int, float, str]],
+        ops: list[str],
+        unused: int,
+        wanted: int,
+    ) -> tuple[BreakerMachine, int]:
         config = breaker.config
         for _ in range(20):
             wall = time.time()
@@ -173,17 +239,21 @@ class SharedState:
             else:
                 version = got[0]
                 shared = BreakerMachine.load(config, msgspec.json.decode(got[1]))
+            # slots lent in an earlier half-open period are void
+            returned = unused if shared.epoch == self._slots_epoch else 0
             for outcome, at, state in batch:
                 if outcome != IGNORED and shared.state.value == state:
                     shared.record(outcome, at)
             for op in ops:
                 getattr(shared, op)(wall)
             shared.poll(wall)
-            if not (batch or ops or shared.transitions or got is None):
-                return shared  # nothing to write
+            lent = shared.lend_slots(returned, wanted)
+            changed = batch or ops or shared.transitions or got is None or lent or returned
+            if not changed:
+                return shared, 0  # nothing to write
             blob = msgspec.json.encode(shared.dump())
             if self.store.compare_and_set(self.name, version, blob, self._ttl):
-                return shared
+                return shared, lent
         raise RuntimeError("breaker store: too many concurrent writers")  # pragma: no cover
 
     def failed(self, breaker: CircuitBreaker, exc: BaseException) -> None:

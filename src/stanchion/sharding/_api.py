@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from stanchion.errors import (
     BackendUnavailable,
@@ -31,6 +32,13 @@ __all__ = ["RouterOptions", "ScatterResult", "ShardedDatabase", "Transaction", "
 
 T = TypeVar("T")
 _log = get_logger("stanchion.sharding")
+
+# The shard-map version under which the current task made its routing
+# decision. Shard connections declare it to the write fence (not the map's
+# latest version): a write routed by a map that a reshard has since paused or
+# cut over must be rejected by the fence even if the map was reloaded between
+# the decision and the statement.
+_ROUTING: ContextVar[int | None] = ContextVar("stanchion_shard_routing_version", default=None)
 
 
 async def open_shard(
@@ -112,8 +120,12 @@ class ScatterResult:
         return not self.failed
 
 
+def _is_down(exc: BaseException) -> bool:
+    return isinstance(exc, CircuitOpenError | BackendUnavailable | ShardUnavailable)
+
+
 class _Slot:
-    __slots__ = ("breaker", "lock", "name", "shard", "url")
+    __slots__ = ("breaker", "counts", "lock", "name", "shard", "url")
 
     def __init__(self, name: str, url: str, breaker: CircuitBreaker) -> None:
         self.name = name
@@ -121,6 +133,7 @@ class _Slot:
         self.breaker = breaker
         self.shard: Shard | None = None
         self.lock = asyncio.Lock()
+        self.counts: dict[str, Any] = {}
 
 
 class Transaction:
@@ -244,7 +257,10 @@ class ShardedDatabase:
         await shard_map._declare(tables, refs, schema)
         db = cls(shard_map, options=options or RouterOptions(), registry=registry, metrics=metrics)
         if schema:
-            await db.execute_all_statements(list(schema))
+            try:
+                await db.execute_all_statements(list(schema))
+            except ShardUnavailable as exc:  # a down shard must not stop the others
+                _log.warning("shard.schema_skipped", shards=sorted(exc.shards), error=str(exc))
         db._watch_task = asyncio.create_task(db._watch(), name="stanchion-shardmap-watch")
         return db
 
@@ -375,13 +391,16 @@ class ShardedDatabase:
         return info
 
     async def _route(self, key: Key, write: bool) -> str:
-        st = self._map.state
+        """The owner of ``key``; also makes the map version it was decided under
+        the version this task's next statements declare to the shard's fence."""
+        st = self._map._state
         owner = st.strategy.shard_for(key)
         if write and st.reshard is not None and st.reshard["phase"] == "pause":
             target = cast(Strategy, st.reshard["strategy"])
             if target.shard_for(key) != owner:
                 await self._wait_pause(key)
                 return await self._route(key, write)
+        _ROUTING.set(st.version)
         return owner
 
     async def _wait_pause(self, key: object) -> None:
@@ -412,7 +431,8 @@ class ShardedDatabase:
                 state = self._map
 
                 def version() -> int:
-                    return state.state.version
+                    v = _ROUTING.get()
+                    return v if v is not None else state.state.version
 
                 slot.shard = await open_shard(
                     slot.url,
@@ -423,9 +443,15 @@ class ShardedDatabase:
                 )
             return slot.shard
 
+    def _count(self, slot: _Slot, op: str) -> None:
+        child = slot.counts.get(op)
+        if child is None:
+            child = slot.counts[op] = self._queries.labels(slot.name, op)
+        child.inc()
+
     async def _call(self, name: str, op: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
-        slot = self._slot(name)
-        self._queries.labels(name, op).inc()
+        slot = self._slots.get(name) or self._slot(name)
+        self._count(slot, op)
         try:
             shard = slot.shard
             if shard is None:
@@ -436,9 +462,16 @@ class ShardedDatabase:
             raise ShardUnavailable({name: exc}) from exc
 
     async def _routed(self, key: Key, sql: str, op: str, fn: Callable[[Shard], Awaitable[T]]) -> T:
-        info = self._info(sql)
+        info = self._cache.get(sql)
+        if info is None or info.missing_key is not None or (info.writes and info.reference):
+            info = self._info(sql)
         for _ in range(5):
-            name = await self._route(key, info.writes)
+            st = self._map._state
+            if info.writes and st.reshard is not None:
+                name = await self._route(key, True)
+            else:
+                name = st.strategy.shard_for(key)
+                _ROUTING.set(st.version)
             try:
                 return await self._call(name, op, fn)
             except ShardMapChanged:
@@ -508,7 +541,9 @@ class ShardedDatabase:
 
         Args:
             on_error: ``"raise"``: any failed shard raises
-                :class:`ShardUnavailable` naming every failed shard;
+                :class:`ShardUnavailable` naming every failed shard (an
+                error that is not an outage, such as bad SQL, is raised as
+                is);
                 ``"partial"``: return the rows of the shards that answered
                 and name the others in ``ScatterResult.failed``.
         """
@@ -517,6 +552,7 @@ class ShardedDatabase:
         if not isinstance(sql, str):
             raise ConfigError(f"sql must be a string, got {type(sql).__name__}")
         st = self._map.state
+        _ROUTING.set(st.version)
         info = inspect_statement(sql, st.tables, st.reference_tables)
         names = st.strategy.shards
         results = await asyncio.gather(
@@ -540,6 +576,9 @@ class ShardedDatabase:
             else:
                 rows.extend(res)
         if failed and on_error == "raise":
+            other = [e for e in failed.values() if not _is_down(e)]
+            if other:  # a bad statement is the caller's error, not an outage
+                raise other[0]
             first = next(iter(failed.values()))
             raise ShardUnavailable(failed) from first
         return ScatterResult(rows, failed)
@@ -573,6 +612,7 @@ class ShardedDatabase:
             await self._wait_pause("reference tables")
             st = self._map.state
         names = list(st.strategy.shards if touches_sharded else st.all_urls)
+        _ROUTING.set(st.version)
 
         async def run(shard: Shard) -> int:
             n = 0

@@ -130,8 +130,18 @@ def _h64(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
 
 
-def _key_hash(key: object) -> int:
-    return _h64(encode_key(key))
+def _key_hash(key: object, _b2b: Any = blake2b, _from: Any = int.from_bytes) -> int:
+    # encode_key + _h64 inlined: this is on every routed query's path
+    cls = type(key)
+    if cls is str:
+        data = key.encode()  # type: ignore[attr-defined]
+    elif cls is int and _INT_MIN <= key <= _INT_MAX:  # type: ignore[operator]
+        data = key.to_bytes(8, "big", signed=True)  # type: ignore[attr-defined]
+    elif cls is bytes:
+        data = key
+    else:
+        data = encode_key(key)
+    return _from(_b2b(data, digest_size=8).digest(), "big")  # type: ignore[no-any-return]
 
 
 def _check_name(shard: object) -> str:
@@ -166,6 +176,22 @@ def _weights(
         raise ConfigError(f"{what}: shards must be a list of names or a name -> weight mapping")
     names = _unique(shards, what)
     return names, tuple(1.0 for _ in names)
+
+
+def _with_weights(
+    shards: Iterable[str] | Mapping[str, float], weights: Mapping[str, float] | None, what: str
+) -> Iterable[str] | Mapping[str, float]:
+    if weights is None:
+        return shards
+    if isinstance(shards, Mapping):
+        raise ConfigError(f"{what}: give weights either in the shard mapping or as weights=")
+    names = list(shards)
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+        raise UnknownShard(
+            unknown[0], tuple(names), f"{what}: weights name unknown shard(s) {unknown}"
+        )
+    return {n: weights.get(n, 1.0) for n in names}
 
 
 def _unknown(shard: str, shards: Sequence[str]) -> UnknownShard:
@@ -273,6 +299,8 @@ class HashRing(Strategy):
             shard of weight 2 gets twice the points, so about twice the keys).
         vnodes: ring points per shard per unit of weight (default 2048, which
             keeps max/mean load <= 1.1).
+        weights: alternatively, ``{name: weight}`` for some of ``shards``
+            (the others weigh 1).
 
     .. versionadded:: 0.1
     """
@@ -281,16 +309,20 @@ class HashRing(Strategy):
     __slots__ = ("_owners", "_points", "_vnodes", "_weights")
 
     def __init__(
-        self, shards: Iterable[str] | Mapping[str, float], vnodes: int = DEFAULT_VNODES
+        self,
+        shards: Iterable[str] | Mapping[str, float],
+        vnodes: int = DEFAULT_VNODES,
+        *,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
             raise ConfigError(f"HashRing: vnodes must be an integer >= 1, got {vnodes!r}")
-        names, weights = _weights(shards, "HashRing")
+        names, weights_ = _weights(_with_weights(shards, weights, "HashRing"), "HashRing")
         self._shards = names
-        self._weights = weights
+        self._weights = weights_
         self._vnodes = vnodes
         ring: dict[int, str] = {}
-        for name, weight in zip(names, weights):
+        for name, weight in zip(names, weights_):
             prefix = name.encode("utf-8") + b"#"
             for i in range(max(1, round(vnodes * weight))):
                 point = _h64(prefix + str(i).encode())
@@ -342,6 +374,7 @@ class Rendezvous(Strategy):
 
     Args:
         shards: shard names, or a ``{name: weight}`` mapping.
+        weights: alternatively, ``{name: weight}`` for some of ``shards``.
 
     .. versionadded:: 0.1
     """
@@ -349,12 +382,17 @@ class Rendezvous(Strategy):
     kind = "rendezvous"
     __slots__ = ("_prefixes", "_weighted", "_weights")
 
-    def __init__(self, shards: Iterable[str] | Mapping[str, float]) -> None:
-        names, weights = _weights(shards, "Rendezvous")
+    def __init__(
+        self,
+        shards: Iterable[str] | Mapping[str, float],
+        *,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        names, ws = _weights(_with_weights(shards, weights, "Rendezvous"), "Rendezvous")
         self._shards = names
-        self._weights = weights
-        self._weighted = any(w != 1.0 for w in weights)
-        self._prefixes = [(n.encode("utf-8") + b"\x00", n, w) for n, w in zip(names, weights)]
+        self._weights = ws
+        self._weighted = any(w != 1.0 for w in ws)
+        self._prefixes = [(n.encode("utf-8") + b"\x00", n, w) for n, w in zip(names, ws)]
 
     @property
     def weights(self) -> dict[str, float]:
@@ -958,7 +996,7 @@ def inspect_statement(
     mentions each sharded table's key where routing to one shard needs it.
 
     A SELECT, UPDATE or DELETE must name the key column after ``WHERE``; an
-    INSERT must list it among its columns. Statements of other kinds (DDL)
+    INSERT with a column list must list it. Statements of other kinds (DDL)
     are not checked.
     """
     tokens: list[str] = []
@@ -988,11 +1026,10 @@ def inspect_statement(
             if first == "insert" or first == "replace" or first == "upsert":
                 try:
                     at = low.index("into")
-                    close = low.index(")", at)
-                    listed = col in low[at:close]
-                except ValueError:
-                    listed = False
-                ok = listed
+                    # no column list means every column, the key included
+                    ok = low[at + 2] != "(" or col in low[at : low.index(")", at)]
+                except (ValueError, IndexError):
+                    ok = False
             else:
                 ok = "where" in low and col in low[low.index("where") :]
                 if not ok and "on" in low:  # join ... on t.key = ... also pins the key

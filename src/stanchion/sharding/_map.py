@@ -268,6 +268,43 @@ class ShardMap:
         self._state = MapState.from_stored(stored)
         return True
 
+    async def reload(self) -> bool:
+        """Same as :meth:`refresh`."""
+        return await self.refresh()
+
+    async def update(
+        self, strategy: Strategy | None = None, urls: Mapping[str, str] | None = None
+    ) -> int:
+        """Store a new strategy and/or URLs under a new version, WITHOUT moving data.
+
+        Routers reload it within their refresh interval. Use it to point a
+        shard at a new URL (after a failover), or to change an empty
+        deployment; to change where existing rows live, use
+        ``ShardedDatabase.reshard``.
+
+        Returns:
+            The new version.
+
+        Raises:
+            ReshardError: a reshard is in progress.
+            UnknownShard: strategy and URLs do not name the same shards.
+        """
+        from stanchion.errors import ReshardError
+
+        for _ in range(5):
+            await self.save()
+            await self.refresh()
+            s = self._state
+            if s.reshard is not None or await self.reshard_state() is not None:
+                raise ReshardError("a reshard is in progress; the map cannot be updated now")
+            new_strategy = strategy or s.strategy
+            new_urls = _check_urls(new_strategy, urls if urls is not None else s.urls)
+            new = replace(s, version=s.version + 1, strategy=new_strategy, urls=new_urls)
+            if await self._backend().write(s.version, new.version, new.body(), None):
+                self._state = new
+                return new.version
+        raise ConfigError(f"shard map in {self.store} keeps changing; try again")
+
     async def stored_version(self) -> int | None:
         """The version in the store now (one cheap query)."""
         return await self._backend().version()
@@ -286,9 +323,11 @@ class ShardMap:
         self, tables: Mapping[str, str], reference: Iterable[str], schema: Iterable[str]
     ) -> None:
         """Record the table declarations in the store (a routing-neutral change)."""
-        s = self._state
         t, r, sc = dict(tables), tuple(reference), tuple(schema)
-        if (t or r or sc) and (t, r, sc) != (s.tables, s.reference_tables, s.schema):
+        if not (t or r or sc):
+            return
+        for _ in range(10):  # several processes may declare at once: compare-and-set, retry
+            s = self._state
             merged = replace(
                 s,
                 version=s.version + 1,
@@ -296,13 +335,20 @@ class ShardMap:
                 reference_tables=tuple(dict.fromkeys((*s.reference_tables, *r))),
                 schema=sc or s.schema,
             )
-            if (merged.tables, merged.reference_tables, merged.schema) != (
+            if (merged.tables, merged.reference_tables, merged.schema) == (
                 s.tables,
                 s.reference_tables,
                 s.schema,
             ):
-                stored = await self._backend().read()
-                await self._update(merged, stored.reshard if stored else None)
+                return
+            stored = await self._backend().read()
+            if await self._backend().write(
+                s.version, merged.version, merged.body(), stored.reshard if stored else None
+            ):
+                self._state = merged
+                return
+            await self.refresh()
+        raise ConfigError(f"shard map in {self.store} keeps changing; try again")
 
     async def reshard_state(self) -> dict[str, Any] | None:
         """The stored reshard progress, or ``None``."""

@@ -99,6 +99,7 @@ class Resharder:
         self._on_progress = on_progress
         self._grace = grace if grace is not None else 2 * db.options.refresh_interval + 0.1
         self._shards: dict[str, Shard] = {}
+        self._saved_at = 0.0
         self.state: dict[str, Any] = {}
         self.old: Strategy
         self.new: Strategy
@@ -156,7 +157,14 @@ class Resharder:
             with contextlib.suppress(Exception):
                 await s.close()
 
-    async def _save(self) -> None:
+    async def _save(self, *, throttle: bool = False) -> None:
+        # Batches are idempotent, so a crash between two saves only repeats
+        # work: within a phase, progress is stored at most every 0.25 s.
+        now = time.monotonic()
+        if throttle and now - self._saved_at < 0.25:
+            self._report()
+            return
+        self._saved_at = now
         self.state["version"] = self.map.version
         ok = await self.map._backend().write_reshard(self.map.version, self.state)
         if not ok:
@@ -388,7 +396,7 @@ class Resharder:
                     self._count("keys_moved", len(moving))
                     after = keys[-1]
                     cursors[ck] = {"after": encode_json_value(after)}
-                    await self._save()
+                    await self._save(throttle=True)
                 cursors[ck] = {"done": True}
                 await self._save()
 
@@ -481,7 +489,7 @@ class Resharder:
                     self._count("rows_deleted", await shard.delete_keys(table, column, stale))
                     after = keys[-1]
                     cursors[ck] = {"after": encode_json_value(after)}
-                    await self._save()
+                    await self._save(throttle=True)
                 cursors[ck] = {"done": True}
                 await self._save()
         self.state["phase"] = "done"

@@ -238,7 +238,9 @@ def mosquitto_server(data_dir: Path, *, port: int | None = None) -> ServerProces
         "persistence true\n"
         f"persistence_location {data_dir}/\n"
         "autosave_interval 1\n"
-        "max_queued_messages 100000\n"
+        "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
+        # As root, mosquitto drops to user "mosquitto", which cannot write its
+        # persistence file into our (root-owned) data directory.
     )
     argv = [_need("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)]
     return ServerProcess(

@@ -15,13 +15,17 @@ shadow tables into the main schema (``ALTER TABLE … SET SCHEMA``) in one
 transaction; PostgreSQL DDL is transactional, so queries see the old view
 until the commit and the new one after it.
 
-URL options: ``schema`` (default ``public``), ``pool_size`` (default 10).
+URL options: ``schema`` (default ``public``), ``pool_size`` (default 10),
+``synchronous_commit`` for the projection transactions (default ``off``: view
+and checkpoint commit together, so a commit lost in a server crash is
+projected again, never half-applied; set ``on`` to wait for the WAL flush).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from stanchion.cqrs._backend import (
     Capabilities,
@@ -49,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - the registry names the extra
 
 __all__ = ["PostgresReadModel"]
 
+_CONFLICT = "SC001"  # SQLSTATE our checkpoint compare-and-set raises
 _LOCK_KEY = 0x5C0512  # advisory lock serialising schema creation across processes
 
 
@@ -63,24 +68,56 @@ def _count(status: str) -> int:
         return -1
 
 
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(
+    fn: Callable[Concatenate[_Tx, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[_Tx, P], Coroutine[Any, Any, R]]:
+    """Report a lost connection as BackendUnavailable (not as the handler's fault)."""
+
+    async def wrapper(self: _Tx, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except _TRANSIENT as exc:
+            raise BackendUnavailable(
+                f"PostgreSQL read model: {type(exc).__name__}: {exc}", url=self._model.url
+            ) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 class _Tx(SQLTransaction):
     def __init__(
         self,
         model: PostgresReadModel,
         conn: Any,
-        tr: Any,
+        release: Callable[[Any], Awaitable[None]],
         name: str,
         shadow: bool,
     ) -> None:
         super().__init__(name, shadow)
         self._model = model
         self._conn = conn
-        self._tr = tr
+        self._give_back = release
         self._key = shadow_name(name) if shadow else name
         self._done = False
         self._pending_sql: str | None = None
         self._pending: list[tuple[Any, ...]] = []
 
+    @_mapped
     async def flush(self) -> None:
         if self._pending:
             sql, rows = self._pending_sql, self._pending
@@ -91,6 +128,7 @@ class _Tx(SQLTransaction):
             else:
                 await self._conn.executemany(sql, rows)
 
+    @_mapped
     async def write(self, sql: str, *args: Any) -> None:
         if not args:
             await self.flush()
@@ -102,34 +140,41 @@ class _Tx(SQLTransaction):
             self._pending_sql = sql
         self._pending.append(args)
 
+    @_mapped
     async def execute(self, sql: str, *args: Any) -> int:
         await self.flush()
         if args:
             return _count(await self._conn.execute(qmark_to_dollar(sql), *args))
         return _count(await self._conn.execute(sql))
 
+    @_mapped
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self.flush()
         await self._conn.executemany(qmark_to_dollar(sql), rows)
 
+    @_mapped
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
         await self.flush()
         return list(await self._conn.fetch(qmark_to_dollar(sql), *args))
 
+    @_mapped
     async def fetchone(self, sql: str, *args: Any) -> Any:
         await self.flush()
         return await self._conn.fetchrow(qmark_to_dollar(sql), *args)
 
+    @_mapped
     async def fetchval(self, sql: str, *args: Any) -> Any:
         await self.flush()
         return await self._conn.fetchval(qmark_to_dollar(sql), *args)
 
+    @_mapped
     async def checkpoint_position(self) -> int:
         value = await self._conn.fetchval(
             f"SELECT position FROM {self._model.cp_table} WHERE name = $1", self._key
         )
         return NO_POSITION if value is None else int(value)
 
+    @_mapped
     async def park(self, event: Any, error: str) -> None:
         self._pending_sql, self._pending = None, []
         await self._conn.execute(
@@ -143,23 +188,31 @@ class _Tx(SQLTransaction):
             now(),
         )
 
+    @_mapped
     async def commit(self, expected: int, position: int, token: int | None) -> None:
         await self.flush()
-        status = await self._conn.execute(
-            f"UPDATE {self._model.cp_table} SET position = $1, token = COALESCE($2, token), "
-            "updated_at = $3 WHERE name = $4 AND position = $5 "
-            "AND ($2::bigint IS NULL OR token IS NULL OR token <= $2::bigint)",
-            position,
-            token,
-            now(),
-            self._key,
-            expected,
+        # One round trip: the compare-and-set raises inside the transaction
+        # when it matches no row, so the COMMIT after it never runs.
+        tok = "NULL::bigint" if token is None else str(int(token))
+        sql = (
+            f"DO $$BEGIN UPDATE {self._model.cp_table} SET position = {int(position)}, "
+            f"token = COALESCE({tok}, token), updated_at = {now()!r} "
+            f"WHERE name = '{self._key}' AND position = {int(expected)} "
+            f"AND ({tok} IS NULL OR token IS NULL OR token <= {tok}); "
+            f"IF NOT FOUND THEN RAISE EXCEPTION USING ERRCODE = '{_CONFLICT}', "
+            "MESSAGE = 'stanchion checkpoint conflict'; END IF; END$$; COMMIT"
         )
-        if _count(status) != 1:
-            row = await self._conn.fetchrow(
+        try:
+            await self._conn.execute(sql)
+        except asyncpg.PostgresError as exc:
+            await self.rollback()
+            if getattr(exc, "sqlstate", None) != _CONFLICT:
+                raise
+            row = await self._model._p().fetchrow(
                 f"SELECT position, token FROM {self._model.cp_table} WHERE name = $1", self._key
             )
-            await self.rollback()
+            if row is None:
+                self._model._known.discard(self._key)
             raise_conflict(
                 self.name,
                 row["position"] if row else NO_POSITION,
@@ -167,23 +220,28 @@ class _Tx(SQLTransaction):
                 expected,
                 token,
             )
-        try:
-            await self._tr.commit()
-        finally:
-            await self._release()
+        except BaseException:
+            await self.rollback()
+            raise
+        await self._release()
 
     async def rollback(self) -> None:
-        if not self._done:
-            try:
-                await self._tr.rollback()
-            except Exception:  # connection broken: the server rolls back anyway
-                pass
-        await self._release()
+        if self._done:
+            return
+        self._done = True
+        self._pending_sql, self._pending = None, []
+        conn = self._conn
+        try:
+            if not conn.is_closed() and conn.is_in_transaction():
+                await asyncio.shield(conn.execute("ROLLBACK"))
+        except BaseException:
+            conn.terminate()  # left mid-protocol (cancelled): the server rolls back
+        await asyncio.shield(self._give_back(conn))
 
     async def _release(self) -> None:
         if not self._done:
             self._done = True
-            await self._model._release(self._conn)
+            await self._give_back(self._conn)
 
 
 class PostgresReadModel(ReadModel):
@@ -196,6 +254,15 @@ class PostgresReadModel(ReadModel):
         self.schema = url.query.get("schema", "public")
         validate_name(self.schema, "schema name")
         self.pool_size = url.get_int("pool_size", 10)
+        # A projection commits its view change and checkpoint together, so a
+        # commit lost in a server crash is simply projected again: waiting
+        # for the WAL flush on every commit buys nothing but latency.
+        self.synchronous_commit = url.query.get("synchronous_commit", "off")
+        if self.synchronous_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
+            raise ConfigError(
+                f"{url.masked()}: synchronous_commit must be on, off, local, "
+                "remote_write or remote_apply"
+            )
         if self.pool_size < 2:
             raise ConfigError(f"{url.masked()}: pool_size must be >= 2")
         self.dsn = url.without_query().replace("postgresql+asyncpg://", "postgresql://")
@@ -205,6 +272,9 @@ class PostgresReadModel(ReadModel):
         self.cp_table = f"{_q(self.schema)}.stanchion_checkpoints"
         self.parked_table = f"{_q(self.schema)}.stanchion_parked"
         self._pool: Any = None
+        self._writers: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._known: set[str] = set()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -236,6 +306,12 @@ class PostgresReadModel(ReadModel):
             )
 
     async def close(self) -> None:
+        writers, self._writers = self._writers, {}
+        for conn in writers.values():
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except BaseException:
+                conn.terminate()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -254,35 +330,78 @@ class PostgresReadModel(ReadModel):
 
     # -- runner side -----------------------------------------------------------
 
+    async def _writer(self, name: str) -> Any:
+        conn = self._writers.get(name)
+        if conn is None or conn.is_closed():
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn,
+                    server_settings={
+                        "search_path": self.schema,
+                        "synchronous_commit": self.synchronous_commit,
+                    },
+                    timeout=10,
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
+            self._writers[name] = conn
+        return conn
+
     async def begin(self, name: str, *, shadow: bool = False) -> _Tx:
         validate_name(name)
         key = shadow_name(name) if shadow else name
-        try:
-            conn = await self._p().acquire()
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
-        tr = conn.transaction()
-        try:
-            await tr.start()
-            if shadow:
-                await conn.execute(
-                    f"SET LOCAL search_path TO {_q(self._shadow_schema(name))}, {_q(self.schema)}"
-                )
-            await conn.execute(
-                f"INSERT INTO {self.cp_table} VALUES ($1, $2, NULL, $3) "
-                "ON CONFLICT (name) DO NOTHING",
-                key,
-                NO_POSITION,
-                now(),
-            )
-            await conn.execute(f"SELECT 1 FROM {self.cp_table} WHERE name = $1 FOR UPDATE", key)
-        except BaseException:
+        release: Callable[[Any], Awaitable[None]]
+        if shadow:
             try:
-                await tr.rollback()
-            finally:
-                await self._release(conn)
+                conn = await self._p().acquire()
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
+            release = self._release
+        else:
+            # Each projection has its own connection (one transaction at a
+            # time): no pool round trips, and prepared statements stay warm.
+            lock = self._locks.setdefault(name, asyncio.Lock())
+            await lock.acquire()
+            try:
+                conn = await self._writer(name)
+            except BaseException:
+                lock.release()
+                raise
+
+            async def release(_: Any) -> None:
+                lock.release()
+
+        try:
+            if key not in self._known:
+                await conn.execute(
+                    f"INSERT INTO {self.cp_table} VALUES ($1, $2, NULL, $3) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    key,
+                    NO_POSITION,
+                    now(),
+                )
+                self._known.add(key)
+            path = (
+                f"SET LOCAL search_path TO {_q(self._shadow_schema(name))}, {_q(self.schema)}; "
+                if shadow
+                else ""
+            )
+            # One round trip: open the transaction and lock the checkpoint row
+            # (the lock order every writer of this view follows).
+            await conn.execute(
+                f"BEGIN; {path}SELECT 1 FROM {self.cp_table} WHERE name = '{key}' FOR UPDATE"
+            )
+        except BaseException as exc:
+            try:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    await asyncio.shield(conn.execute("ROLLBACK"))
+            except BaseException:
+                conn.terminate()
+            await asyncio.shield(release(conn))
+            if isinstance(exc, _TRANSIENT):
+                raise BackendUnavailable(f"PostgreSQL read model: {exc}", url=self.url) from exc
             raise
-        return _Tx(self, conn, tr, name, shadow)
+        return _Tx(self, conn, release, name, shadow)
 
     async def _checkpoint_row(self, key: str, name: str) -> Checkpoint:
         row = await self._p().fetchrow(
@@ -315,6 +434,7 @@ class PostgresReadModel(ReadModel):
 
     async def reset_shadow(self, name: str) -> None:
         validate_name(name)
+        self._known.discard(shadow_name(name))
         schema = _q(self._shadow_schema(name))
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -325,6 +445,7 @@ class PostgresReadModel(ReadModel):
             )
 
     async def drop_shadow(self, name: str) -> None:
+        self._known.discard(shadow_name(name))
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(f"DROP SCHEMA IF EXISTS {_q(self._shadow_schema(name))} CASCADE")
             await conn.execute(f"DELETE FROM {self.cp_table} WHERE name = $1", shadow_name(name))
@@ -333,6 +454,7 @@ class PostgresReadModel(ReadModel):
             )
 
     async def swap(self, name: str, position: int) -> bool:
+        self._known.discard(shadow_name(name))
         shadow = self._shadow_schema(name)
         async with self._p().acquire() as conn, conn.transaction():
             await conn.execute(

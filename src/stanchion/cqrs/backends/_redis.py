@@ -9,18 +9,21 @@ makes EXEC fail instead of double-applying). Reads inside a handler
 pending writes: write views with commands that do not need to read first
 (``HSET``, ``HINCRBY``, ``SADD`` …).
 
-Views live under ``<prefix><name>:<generation>:<key>``. A rebuild writes
-generation ``g+1`` while queries keep resolving ``g``; the swap flips the
-generation in the checkpoint hash (atomically with the checkpoint), then the
-old generation's keys are deleted. Query helpers resolve the generation and
-read the key in one Lua call, so a query never mixes generations.
+Views live under ``<prefix><key>``, exactly the keys the handlers name
+(``?prefix=`` of the URL, if any, in front), so any Redis client can read
+them. Each transaction also adds the keys it wrote to the projection's key
+registry (a set). A rebuild writes a shadow copy under
+``<prefix>stanchion:cqrs:shadow:<name>:<key>``; the swap, in one
+MULTI/EXEC WATCHing the live checkpoint, deletes the live keys of the
+registry, RENAMEs every shadow key to its live name and moves the
+checkpoint, so queries see the old view until EXEC and the new one after.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from stanchion.cqrs._backend import (
     Capabilities,
@@ -45,11 +48,25 @@ except ImportError as exc:  # pragma: no cover - the registry names the extra
 
 __all__ = ["RedisReadModel", "RedisTransaction"]
 
-_READ = """
-local g = redis.call('HGET', KEYS[1], 'gen') or '0'
-local key = ARGV[1] .. g .. ':' .. ARGV[2]
-return redis.call(ARGV[3], key, unpack(ARGV, 4))
-"""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _mapped(
+    fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """Report a lost connection as BackendUnavailable."""
+
+    async def wrapper(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"Redis read model: {exc}", url=str(self.url)) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 class RedisTransaction(Transaction):
@@ -59,32 +76,42 @@ class RedisTransaction(Transaction):
     and generation.
     """
 
-    def __init__(self, model: RedisReadModel, name: str, shadow: bool, gen: int) -> None:
+    def __init__(self, model: RedisReadModel, name: str, shadow: bool) -> None:
         super().__init__(name, shadow)
         self._model = model
-        self._gen = gen
-        self._cp = model._cp_key(shadow_name(name) if shadow else name)
-        self._parked = model._parked_key(shadow_name(name) if shadow else name)
+        self.url = model.url
+        key = shadow_name(name) if shadow else name
+        self._cp = model._cp_key(key)
+        self._parked = model._parked_key(key)
+        self._registry = model._registry_key(key)
         self._ops: list[tuple[Any, ...]] = []
+        self._written: set[str] = set()
         self._done = False
 
     def key(self, key: str) -> str:
-        """The stored name of view key ``key``."""
-        return self._model._view_key(self.name, self._gen, key)
+        """The stored name of view key ``key`` (the shadow's during a rebuild)."""
+        if self.shadow:
+            return self._model._shadow_key(self.name, key)
+        return f"{self._model.prefix}{key}"
+
+    def _w(self, key: str) -> str:
+        full = self.key(key)
+        self._written.add(full)
+        return full
 
     # -- writes (queued) -------------------------------------------------------
 
     async def execute(self, command: str, key: str, *args: Any) -> None:
         """Queue any write command whose first argument is a view key."""
-        self._ops.append((command, self.key(key), *args))
+        self._ops.append((command, self._w(key), *args))
 
     async def set(self, key: str, value: Any) -> None:
         """Queue ``SET key value``."""
-        self._ops.append(("SET", self.key(key), value))
+        self._ops.append(("SET", self._w(key), value))
 
     async def delete(self, *keys: str) -> None:
         """Queue ``DEL key …``."""
-        self._ops.append(("DEL", *(self.key(k) for k in keys)))
+        self._ops.append(("DEL", *(self._w(k) for k in keys)))
 
     async def hset(
         self,
@@ -102,67 +129,71 @@ class RedisTransaction(Transaction):
             items += [k, v]
         if not items:
             raise ConfigError("hset needs a field and value or a mapping")
-        self._ops.append(("HSET", self.key(key), *items))
+        self._ops.append(("HSET", self._w(key), *items))
 
     async def hdel(self, key: str, *fields: str) -> None:
         """Queue ``HDEL key field …``."""
-        self._ops.append(("HDEL", self.key(key), *fields))
+        self._ops.append(("HDEL", self._w(key), *fields))
 
     async def hincrby(self, key: str, field: str, amount: int = 1) -> None:
         """Queue ``HINCRBY key field amount``."""
-        self._ops.append(("HINCRBY", self.key(key), field, amount))
+        self._ops.append(("HINCRBY", self._w(key), field, amount))
 
     async def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
         """Queue ``HINCRBYFLOAT key field amount``."""
-        self._ops.append(("HINCRBYFLOAT", self.key(key), field, amount))
+        self._ops.append(("HINCRBYFLOAT", self._w(key), field, amount))
 
     async def incrby(self, key: str, amount: int = 1) -> None:
         """Queue ``INCRBY key amount``."""
-        self._ops.append(("INCRBY", self.key(key), amount))
+        self._ops.append(("INCRBY", self._w(key), amount))
 
     async def sadd(self, key: str, *members: Any) -> None:
         """Queue ``SADD key member …``."""
-        self._ops.append(("SADD", self.key(key), *members))
+        self._ops.append(("SADD", self._w(key), *members))
 
     async def srem(self, key: str, *members: Any) -> None:
         """Queue ``SREM key member …``."""
-        self._ops.append(("SREM", self.key(key), *members))
+        self._ops.append(("SREM", self._w(key), *members))
 
     async def zadd(self, key: str, mapping: Mapping[str, float]) -> None:
         """Queue ``ZADD key score member …``."""
         items: list[Any] = []
         for member, score in mapping.items():
             items += [score, member]
-        self._ops.append(("ZADD", self.key(key), *items))
+        self._ops.append(("ZADD", self._w(key), *items))
 
     async def zincrby(self, key: str, amount: float, member: str) -> None:
         """Queue ``ZINCRBY key amount member``."""
-        self._ops.append(("ZINCRBY", self.key(key), amount, member))
+        self._ops.append(("ZINCRBY", self._w(key), amount, member))
 
     async def zrem(self, key: str, *members: Any) -> None:
         """Queue ``ZREM key member …``."""
-        self._ops.append(("ZREM", self.key(key), *members))
+        self._ops.append(("ZREM", self._w(key), *members))
 
     async def rpush(self, key: str, *values: Any) -> None:
         """Queue ``RPUSH key value …``."""
-        self._ops.append(("RPUSH", self.key(key), *values))
+        self._ops.append(("RPUSH", self._w(key), *values))
 
     # -- reads (committed data) ------------------------------------------------
 
+    @_mapped
     async def get(self, key: str) -> Any:
         """``GET`` of committed data (not this transaction's pending writes)."""
         return await self._model._client().get(self.key(key))
 
+    @_mapped
     async def hget(self, key: str, field: str) -> Any:
         """``HGET`` of committed data."""
         return await self._model._client().hget(self.key(key), field)
 
+    @_mapped
     async def hgetall(self, key: str) -> dict[str, str]:
         """``HGETALL`` of committed data."""
         return dict(await self._model._client().hgetall(self.key(key)))
 
     # -- transaction -----------------------------------------------------------
 
+    @_mapped
     async def checkpoint_position(self) -> int:
         value = await self._model._client().hget(self._cp, "position")
         return NO_POSITION if value is None else int(value)
@@ -185,21 +216,16 @@ class RedisTransaction(Transaction):
         try:
             async with client.pipeline(transaction=True) as pipe:
                 await pipe.watch(self._cp)
-                stored_pos, stored_token, stored_gen = await pipe.hmget(
-                    self._cp, ["position", "token", "gen"]
-                )
+                stored_pos, stored_token = await pipe.hmget(self._cp, ["position", "token"])
                 spos = NO_POSITION if stored_pos is None else int(stored_pos)
                 stok = None if stored_token in (None, "") else int(stored_token)
-                sgen = 0 if stored_gen is None else int(stored_gen)
-                if (
-                    spos != expected
-                    or (token is not None and stok is not None and stok > token)
-                    or sgen != self._gen
-                ):
+                if spos != expected or (token is not None and stok is not None and stok > token):
                     raise_conflict(self.name, spos, stok, expected, token)
                 pipe.multi()
                 for op in self._ops:
                     pipe.execute_command(*op)
+                if self._written:
+                    pipe.sadd(self._registry, *sorted(self._written))
                 fields: dict[str, Any] = {"position": position, "updated_at": now()}
                 if token is not None:
                     fields["token"] = token
@@ -234,7 +260,7 @@ class RedisReadModel(ReadModel):
         if url.scheme == "rediss" and not self._url.startswith("rediss://"):
             self._url = "rediss://" + self._url.split("://", 1)[1]
         self._redis: Any = None
-        self._read: Any = None
+        self._known: set[str] = set()
 
     async def open(self) -> None:
         if self._redis is not None:
@@ -248,7 +274,6 @@ class RedisReadModel(ReadModel):
                 f"cannot connect to Redis read model {self.url}: {exc}", url=self.url
             ) from exc
         self._redis = client
-        self._read = client.register_script(_READ)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -269,44 +294,43 @@ class RedisReadModel(ReadModel):
     def _index_key(self) -> str:
         return f"{self.prefix}stanchion:cqrs:projections"
 
-    def _view_key(self, name: str, gen: int, key: str) -> str:
-        return f"{self.prefix}{name}:{gen}:{key}"
+    def _registry_key(self, key: str) -> str:
+        return f"{self.prefix}stanchion:cqrs:keys:{key}"
 
-    async def _gen(self, name: str) -> int:
-        value = await self._client().hget(self._cp_key(name), "gen")
-        return 0 if value is None else int(value)
+    def _shadow_key(self, name: str, key: str) -> str:
+        return f"{self.prefix}stanchion:cqrs:shadow:{name}:{key}"
 
-    async def _unlink_generation(self, name: str, gen: int) -> None:
+    async def _unlink_registry(self, registry: str) -> None:
         client = self._client()
-        pattern = self._view_key(name, gen, "*").replace("[", "\\[")
         batch: list[str] = []
-        async for key in client.scan_iter(match=pattern, count=1000):
+        async for key in client.sscan_iter(registry, count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 await client.unlink(*batch)
                 batch.clear()
         if batch:
             await client.unlink(*batch)
+        await client.unlink(registry)
 
     # -- runner side -----------------------------------------------------------
 
+    @_mapped
     async def begin(self, name: str, *, shadow: bool = False) -> RedisTransaction:
         validate_name(name)
         client = self._client()
         try:
             if shadow:
-                gen_raw = await client.hget(self._cp_key(shadow_name(name)), "gen")
-                if gen_raw is None:
+                if not await client.exists(self._cp_key(shadow_name(name))):
                     raise ConfigError(f"no rebuild of {name!r} in progress")
-                gen = int(gen_raw)
-            else:
+            elif name not in self._known:
                 await client.sadd(self._index_key(), name)
                 await client.hsetnx(self._cp_key(name), "position", NO_POSITION)
-                gen = await self._gen(name)
+                self._known.add(name)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise BackendUnavailable(f"Redis read model: {exc}", url=self.url) from exc
-        return RedisTransaction(self, name, shadow, gen)
+        return RedisTransaction(self, name, shadow)
 
+    @_mapped
     async def checkpoint(self, name: str, *, shadow: bool = False) -> Checkpoint:
         client = self._client()
         key = shadow_name(name) if shadow else name
@@ -324,10 +348,12 @@ class RedisReadModel(ReadModel):
             int(parked),
         )
 
+    @_mapped
     async def checkpoints(self) -> list[Checkpoint]:
         names = sorted(await self._client().smembers(self._index_key()))
         return [await self.checkpoint(n) for n in names]
 
+    @_mapped
     async def parked(self, name: str) -> list[ParkedEvent]:
         raw = await self._client().hgetall(self._parked_key(name))
         entries = [json.loads(v) for v in raw.values()]
@@ -339,47 +365,59 @@ class RedisReadModel(ReadModel):
             for e in entries
         ]
 
+    @_mapped
     async def reset_shadow(self, name: str) -> None:
         validate_name(name)
         client = self._client()
         await client.hsetnx(self._cp_key(name), "position", NO_POSITION)
         await client.sadd(self._index_key(), name)
-        target = await self._gen(name) + 1
-        await self._unlink_generation(name, target)
-        await client.delete(self._parked_key(shadow_name(name)))
-        await client.delete(self._cp_key(shadow_name(name)))
-        await client.hset(
-            self._cp_key(shadow_name(name)), mapping={"position": NO_POSITION, "gen": target}
-        )
+        await self.drop_shadow(name)
+        await client.hset(self._cp_key(shadow_name(name)), mapping={"position": NO_POSITION})
 
+    @_mapped
     async def drop_shadow(self, name: str) -> None:
         client = self._client()
-        gen = await client.hget(self._cp_key(shadow_name(name)), "gen")
-        if gen is not None and int(gen) != await self._gen(name):
-            await self._unlink_generation(name, int(gen))
+        await self._unlink_registry(self._registry_key(shadow_name(name)))
         await client.delete(self._cp_key(shadow_name(name)), self._parked_key(shadow_name(name)))
 
+    @_mapped
     async def swap(self, name: str, position: int) -> bool:
         client = self._client()
         shadow_cp = self._cp_key(shadow_name(name))
-        target_raw = await client.hget(shadow_cp, "gen")
-        if target_raw is None:
+        if not await client.exists(shadow_cp):
             raise ConfigError(f"no rebuild of {name!r} in progress")
-        target = int(target_raw)
+        shadow_registry = self._registry_key(shadow_name(name))
+        live_registry = self._registry_key(name)
         shadow_parked = self._parked_key(shadow_name(name))
         has_parked = bool(await client.exists(shadow_parked))
+        shadow_prefix = self._shadow_key(name, "")
+        shadow_keys = sorted(await client.smembers(shadow_registry))
+        existing: list[str] = []
+        if shadow_keys:  # keys a shadow handler deleted again have nothing to move
+            async with client.pipeline(transaction=False) as check:
+                for k in shadow_keys:
+                    check.exists(k)
+                found = await check.execute()
+            existing = [k for k, n in zip(shadow_keys, found) if n]
         live_cp = self._cp_key(name)
         async with client.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(live_cp)
-                live_pos, live_gen = await pipe.hmget(live_cp, ["position", "gen"])
-                old = 0 if live_gen is None else int(live_gen)
+                live_pos = await pipe.hget(live_cp, "position")
                 if live_pos is not None and int(live_pos) > position:
                     return False
+                old_keys = sorted(await pipe.smembers(live_registry))
                 pipe.multi()
-                pipe.hset(
-                    live_cp, mapping={"position": position, "gen": target, "updated_at": now()}
-                )
+                if old_keys:
+                    pipe.delete(*old_keys)
+                for k in existing:
+                    pipe.rename(k, f"{self.prefix}{k[len(shadow_prefix) :]}")
+                pipe.delete(live_registry)
+                live_keys = [f"{self.prefix}{k[len(shadow_prefix) :]}" for k in existing]
+                if live_keys:
+                    pipe.sadd(live_registry, *live_keys)
+                pipe.delete(shadow_registry)
+                pipe.hset(live_cp, mapping={"position": position, "updated_at": now()})
                 pipe.delete(self._parked_key(name))
                 if has_parked:
                     pipe.rename(shadow_parked, self._parked_key(name))
@@ -387,38 +425,40 @@ class RedisReadModel(ReadModel):
                 await pipe.execute()
             except WatchError:
                 return False
-        await self._unlink_generation(name, old)
         return True
 
     # -- query side ------------------------------------------------------------
 
-    async def read(self, name: str, command: str, key: str, *args: Any) -> Any:
-        """Run a read command on view key ``key`` of projection ``name`` (current generation)."""
-        return await self._read(
-            keys=[self._cp_key(name)], args=[f"{self.prefix}{name}:", key, command, *args]
-        )
+    @_mapped
+    async def read(self, command: str, key: str, *args: Any) -> Any:
+        """Run a read command on view key ``key`` (stored as ``<prefix><key>``)."""
+        return await self._client().execute_command(command, f"{self.prefix}{key}", *args)
 
-    async def get(self, name: str, key: str) -> Any:
+    @_mapped
+    async def get(self, key: str) -> Any:
         """``GET`` a view key."""
-        return await self.read(name, "GET", key)
+        return await self._client().get(f"{self.prefix}{key}")
 
-    async def hget(self, name: str, key: str, field: str) -> Any:
+    @_mapped
+    async def hget(self, key: str, field: str) -> Any:
         """``HGET`` a field of a view hash."""
-        return await self.read(name, "HGET", key, field)
+        return await self._client().hget(f"{self.prefix}{key}", field)
 
-    async def hgetall(self, name: str, key: str) -> dict[str, str]:
+    @_mapped
+    async def hgetall(self, key: str) -> dict[str, str]:
         """``HGETALL`` of a view hash, as a dict."""
-        flat: Sequence[str] = await self.read(name, "HGETALL", key)
-        return dict(zip(flat[::2], flat[1::2]))
+        return dict(await self._client().hgetall(f"{self.prefix}{key}"))
 
-    async def smembers(self, name: str, key: str) -> set[str]:
+    @_mapped
+    async def smembers(self, key: str) -> set[str]:
         """``SMEMBERS`` of a view set."""
-        return set(await self.read(name, "SMEMBERS", key))
+        return set(await self._client().smembers(f"{self.prefix}{key}"))
 
-    async def zrange(self, name: str, key: str, start: int = 0, stop: int = -1) -> list[str]:
+    @_mapped
+    async def zrange(self, key: str, start: int = 0, stop: int = -1) -> list[str]:
         """``ZRANGE key start stop`` of a view sorted set (members by score)."""
-        return list(await self.read(name, "ZRANGE", key, start, stop))
+        return list(await self._client().zrange(f"{self.prefix}{key}", start, stop))
 
-    async def key(self, name: str, key: str) -> str:
-        """The stored name of view key ``key`` in the current generation."""
-        return self._view_key(name, await self._gen(name), key)
+    def key(self, key: str) -> str:
+        """The stored name of view key ``key``."""
+        return f"{self.prefix}{key}"

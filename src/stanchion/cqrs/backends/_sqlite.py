@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from stanchion.cqrs._backend import (
     Capabilities,
@@ -37,6 +37,8 @@ from stanchion.errors import BackendUnavailable, ConfigError
 from stanchion.urls import ParsedURL
 
 __all__ = ["SQLiteReadModel"]
+
+T = TypeVar("T")
 
 _CHECKPOINTS = """
 CREATE TABLE IF NOT EXISTS stanchion_checkpoints (
@@ -81,6 +83,21 @@ def _connect(path: str, busy: float) -> sqlite3.Connection:
     return conn
 
 
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a worker thread; if cancelled, wait for the thread before re-raising.
+
+    A cancelled await must not return while the thread still uses the
+    connection (closing it under the thread would crash the process).
+    """
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
+
+
 def _schema(conn: sqlite3.Connection) -> None:
     for attempt in range(50):
         try:
@@ -111,7 +128,12 @@ class _Tx(SQLTransaction):
         self._lock = None
 
     async def execute(self, sql: str, *args: Any) -> int:
-        return self._conn.execute(sql, args).rowcount
+        try:
+            return self._conn.execute(sql, args).rowcount
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise BackendUnavailable(f"SQLite read model: {exc}") from exc
+            raise
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._conn.executemany(sql, rows)
@@ -154,7 +176,7 @@ class _Tx(SQLTransaction):
                 self.name, row[0] if row else NO_POSITION, row[1] if row else None, expected, token
             )
         try:
-            await asyncio.to_thread(self._conn.execute, "COMMIT")
+            await _blocking(self._conn.execute, "COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
@@ -179,11 +201,12 @@ class SQLiteReadModel(ReadModel):
 
     def __init__(self, url: ParsedURL) -> None:
         super().__init__(url)
-        if not url.path or url.path in ("/", "/:memory:"):
+        path = (url.host or "") + url.path  # sqlite://rel/views.db is relative
+        if not path or path in ("/", "/:memory:", ":memory:"):
             raise ConfigError(
                 f"{url.masked()}: a SQLite read model needs a file, e.g. sqlite:///views.db"
             )
-        self.path = url.path
+        self.path = path
         self.busy = url.get_float("busy_timeout", 10.0)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -198,10 +221,10 @@ class SQLiteReadModel(ReadModel):
         if self._writer is not None:
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await asyncio.to_thread(_connect, self.path, self.busy)
-        await asyncio.to_thread(_schema, writer)
+        writer = await _blocking(_connect, self.path, self.busy)
+        await _blocking(_schema, writer)
         self._writer = writer
-        self._reader = await asyncio.to_thread(_connect, self.path, self.busy)
+        self._reader = await _blocking(_connect, self.path, self.busy)
 
     async def close(self) -> None:
         for conn in [self._writer, self._reader, *self._shadows.values()]:
@@ -228,8 +251,8 @@ class SQLiteReadModel(ReadModel):
         if conn is None:
             if not create:
                 raise ConfigError(f"no rebuild of {name!r} in progress")
-            conn = await asyncio.to_thread(_connect, self._shadow_path(name), self.busy)
-            await asyncio.to_thread(_schema, conn)
+            conn = await _blocking(_connect, self._shadow_path(name), self.busy)
+            await _blocking(_schema, conn)
             self._shadows[name] = conn
         return conn
 
@@ -241,16 +264,15 @@ class SQLiteReadModel(ReadModel):
         lock = self._locks.setdefault(f"{name}:shadow" if shadow else "", asyncio.Lock())
         await lock.acquire()
         try:
-            await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "INSERT OR IGNORE INTO stanchion_checkpoints VALUES (?, ?, NULL, ?)",
-                    (name, NO_POSITION, now()),
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            await _blocking(conn.execute, "BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT OR IGNORE INTO stanchion_checkpoints VALUES (?, ?, NULL, ?)",
+                (name, NO_POSITION, now()),
+            )
         except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             lock.release()
             raise
         return _Tx(conn, name, shadow, lock)
@@ -314,7 +336,7 @@ class SQLiteReadModel(ReadModel):
     async def swap(self, name: str, position: int) -> bool:
         shadow = await self._shadow(name, create=False)
         # Make the shadow file complete on disk before the main connection reads it.
-        await asyncio.to_thread(shadow.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        await _blocking(shadow.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
         w = self._w()
         lock = self._locks.setdefault("", asyncio.Lock())
         async with lock:
@@ -323,7 +345,7 @@ class SQLiteReadModel(ReadModel):
     async def _swap(self, w: sqlite3.Connection, name: str, position: int) -> bool:
         w.execute("ATTACH DATABASE ? AS stanchion_shadow", (self._shadow_path(name),))
         try:
-            await asyncio.to_thread(w.execute, "BEGIN IMMEDIATE")
+            await _blocking(w.execute, "BEGIN IMMEDIATE")
             try:
                 row = w.execute(
                     "SELECT position FROM main.stanchion_checkpoints WHERE name = ?", (name,)
@@ -359,7 +381,7 @@ class SQLiteReadModel(ReadModel):
                     "updated_at = excluded.updated_at",
                     (name, position, now()),
                 )
-                await asyncio.to_thread(w.execute, "COMMIT")
+                await _blocking(w.execute, "COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     w.execute("ROLLBACK")

@@ -5,7 +5,8 @@ seconds, and puts the key with that lease in a transaction guarded by
 "the key does not exist" (``create_revision == 0``). The fencing token is the
 revision of that transaction: etcd's Raft log makes it strictly increasing
 and durable across restarts, and it comes from the same atomic step that
-grants the lease. Renewal is a lease keep-alive; a keep-alive answered with
+grants the lease. Followers watch the key between attempts and retry the
+moment it is deleted. Renewal is a lease keep-alive; a keep-alive answered with
 TTL 0 means the lease expired and the key is gone. Release revokes the
 lease, which deletes the key at once.
 
@@ -46,6 +47,7 @@ class EtcdLeases:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._leases: dict[tuple[str, int], str] = {}
+        self._seen: dict[str, int] = {}  # key -> store revision of our last read
 
     @classmethod
     def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> EtcdLeases:
@@ -80,6 +82,9 @@ class EtcdLeases:
 
     async def _range(self, key: str) -> dict[str, Any] | None:
         answer = await self._post("/v3/kv/range", {"key": _b64(key)})
+        revision = answer.get("header", {}).get("revision")
+        if revision is not None:
+            self._seen[key] = int(revision)
         kvs = answer.get("kvs") or []
         return kvs[0] if kvs else None
 
@@ -90,7 +95,7 @@ class EtcdLeases:
             if "not found" not in str(exc):
                 raise
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if the key is absent; the txn revision is the token."""
         key = self._key(group)
         if await self._range(key) is not None:
@@ -169,9 +174,43 @@ class EtcdLeases:
         identity = base64.b64decode(kv.get("value", "")).decode()
         return Holder(identity, int(kv["create_revision"]), remaining)
 
-    async def wait(self, group: str, seconds: float) -> None:
-        """Sleep ``seconds``."""
-        await asyncio.sleep(seconds)
+    async def wait(self, group: str, seconds: float) -> bool:
+        """Watch the group key for up to ``seconds``; True as soon as it is deleted.
+
+        The watch starts just after the revision of our last read, so a
+        deletion between that read and this call is not missed.
+        """
+        key = self._key(group)
+        request: dict[str, Any] = {"key": _b64(key)}
+        if key in self._seen:
+            request["start_revision"] = str(self._seen[key] + 1)
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout, connect=self._timeout)
+            )
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(seconds):
+                async with self._session.post(
+                    self._base + "/v3/watch",
+                    data=json.dumps({"create_request": request}),
+                    timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout),
+                ) as resp:
+                    if resp.status != 200:
+                        raise BackendUnavailable(f"etcd watch answered {resp.status}")
+                    async for line in resp.content:
+                        if not line.strip():
+                            continue
+                        events = json.loads(line).get("result", {}).get("events") or []
+                        if any(e.get("type") == "DELETE" for e in events):
+                            return True
+        except TimeoutError:
+            return False
+        except (aiohttp.ClientError, OSError, ValueError, BackendUnavailable):
+            # No watch (etcd down): sleep out the interval; the next attempt reports it.
+            left = seconds - (asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(max(left, 0.0))
+        return False
 
     async def aclose(self) -> None:
         """Close the HTTP session."""

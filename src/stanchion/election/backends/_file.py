@@ -179,17 +179,22 @@ class FileLeases:
 
     # -- the contract ------------------------------------------------------------
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free, expired, or its holder died."""
 
-        def go() -> Grant | None:
+        def go() -> Grant | Holder | None:
             with self._mutex(group):
                 record = self._read(group)
                 now = time.time()
                 if self._remaining(record, now) > 0:
                     fd = self._try_lock(self._name(group, "alive"))
-                    if fd is None:
-                        return None  # the holder lives
+                    if fd is None:  # the holder lives
+                        assert record is not None
+                        return Holder(
+                            str(record["holder"]),
+                            int(record["token"]),  # type: ignore[call-overload]
+                            self._remaining(record, now),
+                        )
                 else:
                     fd = self._fresh_alive(group)
                 try:
@@ -270,27 +275,27 @@ class FileLeases:
 
         return await self._call(go)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep up to ``seconds``; return early when the holder dies or its lease ends."""
         end = time.monotonic() + seconds
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                return
+                return False
             await asyncio.sleep(min(left, 0.02))
             try:
                 record = self._read(group)
             except BackendUnavailable:
-                return
+                return False
             if self._remaining(record, time.time()) <= 0:
-                return
+                return True
             path = self._name(group, "alive")
             if record is not None and (group, int(record["token"])) not in self._alive:  # type: ignore[call-overload]
                 with contextlib.suppress(OSError):
                     fd = self._try_lock(path)
                     if fd is not None:
                         os.close(fd)
-                        return
+                        return True
 
     async def aclose(self) -> None:
         """Drop every alive lock this backend holds."""

@@ -63,13 +63,13 @@ class MemoryLeases:
         """Build from a parsed ``memory://name`` URL."""
         return cls(_space(parsed))
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free or expired."""
         now = time.monotonic()
         with self._space.lock:
             slot = self._space.slots.setdefault(group, _Slot())
             if slot.holder is not None and slot.expires > now:
-                return None
+                return Holder(slot.holder, slot.token, slot.expires - now)
             slot.holder, slot.token, slot.expires = identity, slot.token + 1, now + ttl
             self._space.version += 1
             return Grant(slot.token)
@@ -101,14 +101,16 @@ class MemoryLeases:
                 return None
             return Holder(slot.holder, slot.token, slot.expires - now)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep up to ``seconds``; return early when the group changes hands."""
         end = time.monotonic() + seconds
         seen = self._space.version
         while True:
+            if self._space.version != seen:
+                return True
             left = end - time.monotonic()
-            if left <= 0 or self._space.version != seen:
-                return
+            if left <= 0:
+                return False
             await asyncio.sleep(min(left, 0.01))
 
     async def aclose(self) -> None:

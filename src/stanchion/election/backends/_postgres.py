@@ -121,10 +121,10 @@ class PostgresLeases:
             "token bigint NOT NULL, expires_at timestamptz NOT NULL)",
         )
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free or expired, with the next token, in one statement."""
 
-        async def go(conn: Any) -> Grant | None:
+        async def go(conn: Any) -> Grant | Holder | None:
             await self._setup(conn)
             token = await conn.fetchval(
                 f"INSERT INTO {self._t} AS l (grp, holder, token, expires_at) "
@@ -136,7 +136,9 @@ class PostgresLeases:
                 identity,
                 float(ttl),
             )
-            return None if token is None else Grant(int(token))
+            if token is not None:
+                return Grant(int(token))
+            return await self._observe(conn, group)
 
         return await self._pg.run(go)
 
@@ -177,21 +179,25 @@ class PostgresLeases:
 
         async def go(conn: Any) -> Holder | None:
             await self._setup(conn)
-            row = await conn.fetchrow(
-                f"SELECT holder, token, extract(epoch FROM expires_at - clock_timestamp()) "
-                f"AS remaining FROM {self._t} WHERE grp = $1 AND holder IS NOT NULL "
-                "AND expires_at > clock_timestamp()",
-                group,
-            )
-            if row is None:
-                return None
-            return Holder(row["holder"], int(row["token"]), float(row["remaining"]))
+            return await self._observe(conn, group)
 
         return await self._pg.run(go)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def _observe(self, conn: Any, group: str) -> Holder | None:
+        row = await conn.fetchrow(
+            f"SELECT holder, token, extract(epoch FROM expires_at - clock_timestamp()) "
+            f"AS remaining FROM {self._t} WHERE grp = $1 AND holder IS NOT NULL "
+            "AND expires_at > clock_timestamp()",
+            group,
+        )
+        if row is None:
+            return None
+        return Holder(row["holder"], int(row["token"]), float(row["remaining"]))
+
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep ``seconds``."""
         await asyncio.sleep(seconds)
+        return False
 
     async def aclose(self) -> None:
         """Close the connection."""

@@ -15,7 +15,8 @@ and a restart, a flush, a failover to a replica that lagged):
   have lost a lease that a leader still trusts; the script then refuses
   to elect (the candidate sees the lease as busy) until Redis has been up
   for ``ttl`` seconds, by which time that leader's own deadline has passed.
-  This is what keeps a restarted Redis from producing two leaders.
+  This is what keeps a restarted Redis from producing two leaders. (Redis
+  reports its uptime in whole seconds, so the wait is ``ceil(ttl) + 1`` s.)
 
 All candidates of a group must use the same ``ttl``.
 """
@@ -43,12 +44,15 @@ T = TypeVar("T")
 _log = get_logger("stanchion.election.redis")
 
 # KEYS: lease, term. ARGV: identity, ttl_ms, allow_fresh ("1" once Redis has been up >= ttl).
-# Returns 0 when the lease is held, -1 when the term key is missing and allow_fresh is
-# not set, else the new token.
+# Returns {0, holder, token, pttl} when the lease is held, {-1} when the term key is
+# missing and allow_fresh is not set, else {1, new token}.
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local v = redis.call('HMGET', KEYS[1], 'holder', 'token')
+  return {0, v[1] or '', v[2] or '0', redis.call('PTTL', KEYS[1])}
+end
 local last = redis.call('GET', KEYS[2])
-if not last and ARGV[3] ~= '1' then return -1 end
+if not last and ARGV[3] ~= '1' then return {-1} end
 local t = redis.call('TIME')
 local token = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if last and tonumber(last) + 1 > token then token = tonumber(last) + 1 end
@@ -56,7 +60,7 @@ local s = string.format('%.0f', token)
 redis.call('SET', KEYS[2], s)
 redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', s)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return s
+return {1, s}
 """
 
 # KEYS: lease. ARGV: token, identity, ttl_ms.
@@ -120,16 +124,18 @@ class RedisLeases:
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"Redis at {self._masked}: {exc}") from exc
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free (see the module notes on tokens and restarts)."""
         key = self._key(group)
         keys = [key, key + ":term"]
         ttl_ms = max(math.ceil(ttl * 1000), 1)
-        got = int(await self._do(self._acquire(keys=keys, args=[identity, ttl_ms, "0"])))
-        if got == -1:
+        got = await self._do(self._acquire(keys=keys, args=[identity, ttl_ms, "0"]))
+        if int(got[0]) == -1:
             info = await self._do(self._r.info("server"))
             uptime = int(info.get("uptime_in_seconds", 0))
-            if uptime < math.ceil(ttl):
+            # uptime_in_seconds subtracts two truncated wall-clock seconds: it may read
+            # one second more than has passed, so demand one second more.
+            if uptime < math.ceil(ttl) + 1:
                 _log.warning(
                     "election.redis_state_lost",
                     group=group,
@@ -138,8 +144,12 @@ class RedisLeases:
                     "may have been lost; electing nobody until ttl has passed",
                 )
                 return None
-            got = int(await self._do(self._acquire(keys=keys, args=[identity, ttl_ms, "1"])))
-        return Grant(got) if got > 0 else None
+            got = await self._do(self._acquire(keys=keys, args=[identity, ttl_ms, "1"]))
+        if int(got[0]) == 1:
+            return Grant(int(got[1]))
+        if int(got[0]) == 0 and int(got[3]) > 0:
+            return Holder(got[1].decode(), int(got[2]), int(got[3]) / 1000)
+        return None
 
     async def renew(self, group: str, identity: str, token: int, ttl: float) -> bool:
         """Extend the lease if term ``token`` still holds it."""
@@ -166,9 +176,10 @@ class RedisLeases:
             return None
         return Holder(holder.decode(), int(token), int(pttl) / 1000)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep ``seconds``."""
         await asyncio.sleep(seconds)
+        return False
 
     async def aclose(self) -> None:
         """Close the connection pool."""

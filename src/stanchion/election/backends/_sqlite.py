@@ -125,16 +125,16 @@ class SQLiteLeases:
         expires = min(float(row[2]), now + float(row[3]))  # a clock that jumped back
         return row[0], int(row[1]), expires - now
 
-    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | None:
+    async def acquire(self, group: str, identity: str, ttl: float) -> Grant | Holder | None:
         """Take the lease if free or expired, with the next token, in one transaction."""
 
-        def go(conn: sqlite3.Connection) -> Grant | None:
+        def go(conn: sqlite3.Connection) -> Grant | Holder | None:
             self._setup(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 row = self._row(conn, group)
                 if row is not None and row[0] is not None and row[2] > 0:
-                    return None
+                    return Holder(row[0], row[1], row[2])
                 token = (row[1] if row else 0) + 1
                 conn.execute(
                     f"INSERT INTO {self._table} (grp, holder, token, expires_at, ttl) "
@@ -190,9 +190,10 @@ class SQLiteLeases:
 
         return await self._db.call(go)
 
-    async def wait(self, group: str, seconds: float) -> None:
+    async def wait(self, group: str, seconds: float) -> bool:
         """Sleep ``seconds`` (SQLite has no change notification)."""
         await asyncio.sleep(seconds)
+        return False
 
     async def aclose(self) -> None:
         """Close the connection."""

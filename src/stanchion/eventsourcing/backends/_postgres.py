@@ -4,20 +4,24 @@ Query parameters: ``prefix`` (table, function and channel name prefix),
 ``pool_size`` (default 10), ``idle`` (seconds between safety re-reads of an
 idle subscriber, default 10), ``connect_timeout`` (default 10).
 
-Appends are one round trip: a PL/pgSQL function locks the stream's row in
-``es_streams`` (so writers of one stream queue up; writers of different
-streams never wait for each other), checks the tombstone and the expected
-version and inserts the batch. The function takes a transaction id *before* numbering its events:
-subscribers rely on it (see ``GapTracker`` in ``_core``) to wait for a
-position that a transaction still holds, instead of reading past it.
+Appends are one round trip: a PL/pgSQL function moves the stream's version in
+``es_streams`` with one UPDATE that also checks the tombstone and the expected
+version (so writers of one stream queue on its row lock; writers of different
+streams never wait for each other), then inserts the batch. The function
+takes a transaction id *before* numbering its events: subscribers rely on it
+(see ``GapTracker`` in ``_core``) to wait for a position that a transaction
+still holds, instead of reading past it.
 
 Live subscribers are woken by LISTEN/NOTIFY. The NOTIFY is *not* sent inside
 the append's transaction: PostgreSQL serialises the commits of notifying
 transactions on one lock held through the WAL flush, which cut throughput
 with 8 concurrent writers by about 3x in our measurements. Instead, after an
-append commits, a per-store notifier task sends ``pg_notify`` from its own
-short transaction (no transaction id, no WAL flush), coalescing the appends
-that committed meanwhile into one notification. Subscribers in the same
+append commits, a per-store notifier task sends NOTIFY on its own connection
+with ``synchronous_commit=off`` (a NOTIFY takes a transaction id, but its
+commit need not wait for a WAL flush), coalescing the appends that committed
+meanwhile into one notification, and only when some LISTEN connection is
+open on the database (checked in ``pg_stat_activity``, cached for a moment):
+without subscribers, appends pay nothing for them. Subscribers in the same
 process are woken directly. Subscribers also re-read after ``idle`` seconds
 without a notification (a safety net, not a busy poll).
 
@@ -51,7 +55,7 @@ from stanchion.urls import ParsedURL
 
 __all__ = ["PostgresBackend"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _log = get_logger("stanchion.eventsourcing")
 
 _SCHEMA = """
@@ -83,31 +87,44 @@ CREATE OR REPLACE FUNCTION {p}es_append(
 ) RETURNS TABLE (status int, current bigint, first_position bigint, last_position bigint)
 LANGUAGE plpgsql AS $fn$
 DECLARE
+  v_n bigint := cardinality(p_ids);
   v_cur bigint;
   v_del boolean;
   v_first bigint;
   v_last bigint;
+  v_attempt int := 0;
 BEGIN
   -- Take a transaction id before numbering events (subscribers depend on it).
   PERFORM pg_current_xact_id();
-  SELECT s.version, s.deleted INTO v_cur, v_del
-    FROM {p}es_streams s WHERE s.name = p_stream FOR UPDATE;
-  IF NOT FOUND THEN
-    INSERT INTO {p}es_streams (name, version) VALUES (p_stream, -1) ON CONFLICT DO NOTHING;
-    SELECT s.version, s.deleted INTO v_cur, v_del
-      FROM {p}es_streams s WHERE s.name = p_stream FOR UPDATE;
-  END IF;
-  IF v_del THEN
-    RETURN QUERY SELECT 2, v_cur, 0::bigint, 0::bigint;
-    RETURN;
-  END IF;
   -- Expected version codes: -2 ANY, -1 NO_STREAM, -3 STREAM_EXISTS, n >= 0 exact
-  -- (the same rule as _core.check_expected).
-  IF (p_expected = -1 AND v_cur <> -1) OR (p_expected = -3 AND v_cur = -1)
-     OR (p_expected >= 0 AND v_cur <> p_expected) THEN
-    RETURN QUERY SELECT 1, v_cur, 0::bigint, 0::bigint;
+  -- (the rule of _core.check_expected). The fast path is one UPDATE that locks the
+  -- stream's row, checks the expectation and moves the version; concurrent writers
+  -- of one stream queue on the row lock and re-check after the winner commits.
+  LOOP
+    v_attempt := v_attempt + 1;
+    UPDATE {p}es_streams SET version = version + v_n
+      WHERE name = p_stream AND NOT deleted
+        AND (p_expected = -2 OR (p_expected = -3 AND version >= 0) OR version = p_expected)
+      RETURNING version - v_n INTO v_cur;
+    EXIT WHEN FOUND;
+    IF p_expected IN (-2, -1) THEN
+      -- a new stream? (waits for a concurrent creator to commit, then does nothing)
+      INSERT INTO {p}es_streams (name, version) VALUES (p_stream, v_n - 1)
+        ON CONFLICT DO NOTHING;
+      IF FOUND THEN
+        v_cur := -1;
+        EXIT;
+      END IF;
+      CONTINUE WHEN p_expected = -2 AND v_attempt < 3;
+    END IF;
+    SELECT s.version, s.deleted INTO v_cur, v_del FROM {p}es_streams s WHERE s.name = p_stream;
+    IF NOT FOUND THEN
+      v_cur := -1;
+      v_del := false;
+    END IF;
+    RETURN QUERY SELECT CASE WHEN v_del THEN 2 ELSE 1 END, v_cur, 0::bigint, 0::bigint;
     RETURN;
-  END IF;
+  END LOOP;
   WITH ins AS (
     INSERT INTO {p}es_events (position, stream, version, id, type, data, raw, metadata)
     SELECT nextval('{p}es_position'), p_stream, v_cur + u.o, u.id, u.type, u.data, u.raw, u.meta
@@ -116,13 +133,22 @@ BEGIN
       ORDER BY u.o
     RETURNING {p}es_events.position
   ) SELECT min(ins.position), max(ins.position) INTO v_first, v_last FROM ins;
-  UPDATE {p}es_streams SET version = v_cur + cardinality(p_ids) WHERE name = p_stream;
   RETURN QUERY SELECT 0, v_cur, v_first, v_last;
 END
 $fn$;
 COMMENT ON FUNCTION {p}es_append(text, bigint, uuid[], text[], bytea[], boolean[], bytea[])
   IS 'stanchion eventsourcing schema {version}';
 """
+
+# How long a writer trusts "someone listens" / "nobody listens" before asking again.
+# A subscriber re-reads once, _NONE_TTL after it starts listening, to cover appends
+# made by writers that had just seen nobody listening.
+_SEEN_TTL = 2.0
+_NONE_TTL = 0.2
+_ANY_LISTENER = (
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity"
+    " WHERE datname = current_database() AND application_name = $1)"
+)
 
 _COLS = "stream, version, position, id, type, data, raw, metadata, recorded_at"
 
@@ -171,6 +197,12 @@ class PostgresBackend:
         self._wakers: set[asyncio.Event] = set()
         self._notify_pending = False
         self._notifier: asyncio.Task[None] | None = None
+        self._notify_conn: asyncpg.Connection | None = None
+        # LISTEN connections name themselves so that writers can tell whether anyone
+        # listens at all, and skip the NOTIFY (a transaction of its own) when nobody does.
+        self._listener_name = f"stanchion-es:{self._channel}"[:63]
+        self._listeners_seen = False
+        self._listeners_checked = -1e9
         self._q_append = f"SELECT * FROM {p}es_append($1, $2, $3, $4, $5, $6, $7)"
         self._q_all = (
             f"SELECT {_COLS} FROM {p}es_events WHERE position >= $1 ORDER BY position LIMIT $2"
@@ -179,15 +211,16 @@ class PostgresBackend:
             f"SELECT {_COLS} FROM {p}es_events WHERE position >= $1 AND type = ANY($3::text[])"
             " ORDER BY position LIMIT $2"
         )
-        live = f"NOT EXISTS (SELECT 1 FROM {p}es_streams WHERE name = $1 AND deleted)"
-        self._q_fwd = (
-            f"SELECT {_COLS} FROM {p}es_events WHERE stream = $1 AND version >= $2 AND {live}"
-            " ORDER BY version LIMIT $3"
+        # One round trip answers "deleted?" and returns the page: always at least one
+        # row, whose last column is the tombstone flag (event columns NULL if none).
+        tomb = (
+            f"SELECT e.*, d.deleted FROM (SELECT coalesce((SELECT deleted FROM {p}es_streams"
+            " WHERE name = $1), false) AS deleted) d LEFT JOIN LATERAL (SELECT"
+            f" {_COLS} FROM {p}es_events WHERE stream = $1 AND version {{op}} $2"
+            " ORDER BY version {dir} LIMIT $3) e ON NOT d.deleted"
         )
-        self._q_back = (
-            f"SELECT {_COLS} FROM {p}es_events WHERE stream = $1 AND version <= $2 AND {live}"
-            " ORDER BY version DESC LIMIT $3"
-        )
+        self._q_fwd = tomb.format(op=">=", dir="ASC")
+        self._q_back = tomb.format(op="<=", dir="DESC")
         self._q_state = f"SELECT version, deleted FROM {p}es_streams WHERE name = $1"
         self._q_sub = (
             "WITH s AS (SELECT pg_current_snapshot()::text AS snap) "
@@ -255,18 +288,34 @@ class PostgresBackend:
             self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
 
     async def _notify_loop(self) -> None:
-        while self._notify_pending:
-            self._notify_pending = False
-            try:
-                await self._pool.execute("SELECT pg_notify($1, '')", self._channel)
-            except Exception as exc:  # subscribers elsewhere fall back on their idle re-read
-                _log.warning("eventsourcing.notify_failed", error=str(exc))
-                return
+        # Its own connection, with synchronous_commit off: a NOTIFY takes a transaction
+        # id, and its commit need not wait for a WAL flush (it carries no data).
+        try:
+            if self._notify_conn is None or self._notify_conn.is_closed():
+                self._notify_conn = await asyncpg.connect(
+                    self._dsn, server_settings={"synchronous_commit": "off", "jit": "off"}
+                )
+            conn = self._notify_conn
+            while self._notify_pending:
+                self._notify_pending = False
+                now = asyncio.get_running_loop().time()
+                if now - self._listeners_checked > (
+                    _SEEN_TTL if self._listeners_seen else _NONE_TTL
+                ):
+                    self._listeners_seen = await conn.fetchval(_ANY_LISTENER, self._listener_name)
+                    self._listeners_checked = now
+                if self._listeners_seen:
+                    await conn.execute(f"NOTIFY {self._channel}")
+        except Exception as exc:  # subscribers elsewhere fall back on their idle re-read
+            _log.warning("eventsourcing.notify_failed", error=str(exc))
 
     async def close(self) -> None:
         if self._notifier is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._notifier), 5)
+        if self._notify_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._notify_conn.close()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -357,11 +406,9 @@ class PostgresBackend:
                 found = await self._pool.fetch(self._q_back, stream, start, limit)
             else:
                 found = await self._pool.fetch(self._q_fwd, stream, from_version, limit)
-            if not found:
-                state = await self._pool.fetchrow(self._q_state, stream)
-                if state is not None and state[1]:
-                    raise StreamDeleted(stream)
-        return _rows(found)
+        if found[0][9]:
+            raise StreamDeleted(stream)
+        return _rows(found) if found[0][0] is not None else []
 
     async def read_all(
         self, from_position: int, limit: int, types: Sequence[str] | None
@@ -377,7 +424,9 @@ class PostgresBackend:
         async with self._listener_lock:
             if self._listener is not None and not self._listener.is_closed():
                 return
-            conn = await asyncpg.connect(self._dsn)
+            conn = await asyncpg.connect(
+                self._dsn, server_settings={"application_name": self._listener_name}
+            )
             await conn.add_listener(self._channel, self._notified)
             conn.add_termination_listener(self._lost)
             self._listener = conn
@@ -399,11 +448,13 @@ class PostgresBackend:
         wake = asyncio.Event()
         self._wakers.add(wake)
         gap_delay = 0.01
+        early_reread = False
         try:
             while True:
                 if self._listener is None:
                     with _mapped(self._url):
                         await self._listen()
+                    early_reread = True
                 wake.clear()
                 with _mapped(self._url):
                     found = await self._pool.fetch(self._q_sub, tracker.next, batch, wanted)
@@ -422,6 +473,8 @@ class PostgresBackend:
                     timeout, gap_delay = gap_delay, min(gap_delay * 2, 0.5)
                 else:
                     timeout, gap_delay = self._idle, 0.01
+                    if early_reread:
+                        timeout, early_reread = _NONE_TTL * 2, False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
         finally:

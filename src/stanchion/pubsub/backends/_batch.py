@@ -24,35 +24,47 @@ class GroupCommit:
         self._max = max_batch
         self._queue: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._busy = False
 
     async def submit(self, messages: Sequence[OutboundMessage]) -> None:
+        if not self._busy:
+            # Fast path: nobody is flushing, so flush inline (no task hop);
+            # callers arriving meanwhile queue up and go in the next batch.
+            self._busy = True
+            try:
+                await self._flush(list(messages))
+            finally:
+                if self._queue:
+                    self._task = asyncio.get_running_loop().create_task(self._run())
+                else:
+                    self._busy = False
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((messages, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
         await fut
 
     async def _run(self) -> None:
-        while self._queue:
-            batch: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]] = []
-            size = 0
-            while self._queue and (not batch or size + len(self._queue[0][0]) <= self._max):
-                item = self._queue.pop(0)
-                batch.append(item)
-                size += len(item[0])
-            rows = [m for msgs, _ in batch for m in msgs]
-            try:
-                await self._flush(rows)
-            except BaseException as exc:
+        try:
+            while self._queue:
+                batch: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]] = []
+                size = 0
+                while self._queue and (not batch or size + len(self._queue[0][0]) <= self._max):
+                    item = self._queue.pop(0)
+                    batch.append(item)
+                    size += len(item[0])
+                rows = [m for msgs, _ in batch for m in msgs]
+                try:
+                    await self._flush(rows)
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+                        fut.set_result(None)
+        finally:
+            self._busy = False
 
     async def drain(self) -> None:
         """Wait for queued batches."""

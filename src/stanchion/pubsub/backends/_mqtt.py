@@ -20,7 +20,9 @@ suite marks these tests as documented limitations):
   messages published while a group has no connected member are not kept for
   it (``history=False``, ``resume=False``). With ``?client_id=NAME`` members
   use persistent sessions (``clean_start=False``, id ``NAME-<group>``): the
-  broker queues QoS 1 messages for that one member while it is offline, up to
+  member subscribes without ``$share`` (it is the group's one member, since
+  Mosquitto queues nothing for offline members of a shared subscription) and
+  the broker queues QoS 1 messages for it while it is offline, up to
   Mosquitto's ``max_queued_messages`` (default 1000; beyond it, messages are
   dropped), and only if the broker persists its sessions.
 * **No redelivery to another member after a crash** (``crash_redelivery=False``):
@@ -173,7 +175,11 @@ class MQTTDriver:
         filt = spec.pattern.translate(sep="/", one="+", rest="#")
         c = _MQTTConsumer(self, client, spec)
         c.task = asyncio.get_running_loop().create_task(c.pump())
-        await client.subscribe(f"$share/{spec.group}/{self._p}/{filt}", qos=1)
+        # Mosquitto queues nothing for an offline member of a shared subscription,
+        # so a persistent (client_id) member subscribes directly: it is the one
+        # durable member of its group.
+        share = "" if self._client_id else f"$share/{spec.group}/"
+        await client.subscribe(f"{share}{self._p}/{filt}", qos=1)
         return c
 
     async def close(self) -> None:

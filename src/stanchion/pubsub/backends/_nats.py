@@ -140,9 +140,7 @@ class NATSDriver:
             headers[_H_TS] = str(m.ts)
             if m.key is not None:
                 headers[_H_KEY] = m.key
-            await self._js.publish(
-                self.subject(m.topic), m.data, headers=headers, stream=self.stream
-            )
+            await self._js.publish(self.subject(m.topic), m.data, headers=headers)
 
         try:
             if len(messages) == 1:

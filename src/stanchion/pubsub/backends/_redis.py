@@ -123,27 +123,29 @@ class RedisDriver:
 
     async def _xadd(self, messages: Sequence[OutboundMessage]) -> None:
         try:
+            if len(messages) == 1:
+                m = messages[0]
+                await self._r.xadd(
+                    self.key(m.topic), self._fields(m), maxlen=self._maxlen, approximate=True
+                )
+                return
             async with self._r.pipeline(transaction=False) as pipe:
                 for m in messages:
-                    fields: dict[str, Any] = {
-                        "i": m.id,
-                        "h": _enc.encode(m.headers),
-                        "d": m.data,
-                        "t": m.ts,
-                    }
-                    if m.key is not None:
-                        fields["k"] = m.key
                     pipe.xadd(
-                        self.key(m.topic),
-                        fields,
-                        maxlen=self._maxlen,
-                        approximate=True,
+                        self.key(m.topic), self._fields(m), maxlen=self._maxlen, approximate=True
                     )
                 await pipe.execute()
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}", url=self._url) from exc
         except RedisError as exc:
             raise PublishError(f"Redis refused the messages: {exc}") from exc
+
+    @staticmethod
+    def _fields(m: OutboundMessage) -> dict[Any, Any]:
+        fields: dict[Any, Any] = {"i": m.id, "h": _enc.encode(m.headers), "d": m.data, "t": m.ts}
+        if m.key is not None:
+            fields["k"] = m.key
+        return fields
 
     async def declare(self, pattern: TopicPattern, group: str) -> None:
         """XGROUP CREATE at id 0 (MKSTREAM), ignoring BUSYGROUP."""

@@ -158,16 +158,24 @@ class SQLiteDriver:
         self._inserted += len(rows)
         if self._inserted >= 5000:
             self._inserted = 0
-            self._trim()
+            with contextlib.suppress(sqlite3.Error):
+                self._trim()
 
     def _trim(self) -> None:
+        # Delete messages older than the retention that no group still needs:
+        # not pending anywhere, behind the cursor of every group on their
+        # topic, and behind every wildcard group's cursor.
         db = self._db
         assert db is not None
         p = self._p
         cutoff = int((time.time() - self._retention) * 1e6)
         db.execute(
-            f"DELETE FROM {p}messages WHERE ts < ? AND seq <= (SELECT MIN(cursor) FROM {p}groups) "
-            f"AND seq NOT IN (SELECT seq FROM {p}pending)",
+            f"DELETE FROM {p}messages WHERE ts < ? "
+            f"AND seq NOT IN (SELECT seq FROM {p}pending) "
+            f"AND NOT EXISTS (SELECT 1 FROM {p}groups g "
+            f"  WHERE g.pattern = {p}messages.topic AND {p}messages.seq > g.cursor) "
+            f"AND seq <= COALESCE((SELECT MIN(cursor) FROM {p}groups "
+            "  WHERE pattern GLOB '*[*>#]*'), 9223372036854775807)",
             (cutoff,),
         )
 

@@ -51,7 +51,7 @@ def _map_error(exc: BaseException, where: str) -> BaseException:
         return ShardMapChanged(
             "the shard map changed (a reshard is cutting over); reload the map and retry"
         )
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or "not currently accepting connections" in str(exc):
         return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}", url=where)
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         return BackendError(f"{where}: {exc}")
@@ -154,14 +154,11 @@ class PostgresShard:
             self._declared[pid] = version
 
     async def _reset(self, conn: Any) -> None:
-        # asyncpg's own reset (RESET ALL clears our setting too) plus the
-        # declaration, in the one round trip a release costs anyway.
-        version = int(self._version_fn())
-        await conn.execute(
-            "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; "
-            f"SELECT set_config('stanchion.map_version', '{version}', false)"
-        )
-        self._declared[conn.get_server_pid()] = version
+        # Replaces asyncpg's RESET ALL round trip on every release (asyncpg
+        # still rolls back an open transaction first). Router connections run
+        # plain statements and transactions; keeping the session as is keeps
+        # the declared map version too (``_declare`` updates it when it moves).
+        return None
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> PostgresShard:

@@ -52,7 +52,10 @@ def _map_error(exc: BaseException, where: str) -> BaseException:
     if isinstance(exc, sqlite3.IntegrityError):
         return ConflictError(f"{where}: {exc}")
     if isinstance(exc, sqlite3.OperationalError) and (
-        "unable to open" in msg or "disk I/O" in msg or "readonly" in msg
+        "unable to open" in msg
+        or "disk I/O" in msg
+        or "readonly" in msg
+        or "database is locked" in msg  # the busy timeout ran out: the shard did not answer
     ):
         return BackendUnavailable(f"{where}: {exc}", url=where)
     if isinstance(exc, sqlite3.Error):
@@ -69,6 +72,7 @@ class _Conn:
         self._timeout = timeout
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stanchion-sqlite")
         self.db: sqlite3.Connection | None = None
+        self.declared = 0  # the map version the running statement declares
 
     def _open(self) -> sqlite3.Connection:
         if self.db is None:
@@ -77,13 +81,21 @@ class _Conn:
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.create_function("stanchion_map_version", 0, self._version_fn)
+            db.create_function("stanchion_map_version", 0, lambda: self.declared)
             self.db = db
         return self.db
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(self._open()))
+    async def run(self, fn: Callable[[sqlite3.Connection], T], version: int | None = None) -> T:
+        # read the version in the calling task (its routing decision), use it
+        # on the worker thread; a transaction keeps the version it began with
+        if version is None:
+            version = self._version_fn()
+
+        def call() -> T:
+            self.declared = version
+            return fn(self._open())
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def close(self) -> None:
         def shut() -> None:
@@ -110,21 +122,22 @@ def _args(params: Params) -> Sequence[Any] | Mapping[str, Any]:
 
 
 class _Tx:
-    def __init__(self, shard: SQLiteShard, conn: _Conn) -> None:
+    def __init__(self, shard: SQLiteShard, conn: _Conn, version: int) -> None:
         self._shard = shard
         self._conn = conn
+        self._version = version
 
     async def execute(self, sql: str, params: Params = None) -> int:
         args = _args(params)
         try:
-            return await self._conn.run(lambda db: db.execute(sql, args).rowcount)
+            return await self._conn.run(lambda db: db.execute(sql, args).rowcount, self._version)
         except Exception as exc:
             raise _map_error(exc, self._shard.where) from exc
 
     async def fetch(self, sql: str, params: Params = None) -> list[Row]:
         args = _args(params)
         try:
-            return await self._conn.run(lambda db: _rows(db.execute(sql, args)))
+            return await self._conn.run(lambda db: _rows(db.execute(sql, args)), self._version)
         except Exception as exc:
             raise _map_error(exc, self._shard.where) from exc
 
@@ -214,14 +227,15 @@ class SQLiteShard:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on one connection."""
         conn = await self._acquire()
         broken = False
+        version = self._version_fn()
         try:
             try:
-                await conn.run(lambda db: db.execute("BEGIN IMMEDIATE"))
+                await conn.run(lambda db: db.execute("BEGIN IMMEDIATE"), version)
             except Exception as exc:
                 broken = conn.db is None
                 raise _map_error(exc, self.where) from exc
             try:
-                yield _Tx(self, conn)
+                yield _Tx(self, conn, version)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(conn.run(lambda db: db.execute("ROLLBACK")))

@@ -71,7 +71,7 @@ class Totals(Projection):
 
     async def _add(self, tx: Any, sku: str, qty: int) -> None:
         if hasattr(tx, "hincrby"):
-            await tx.hincrby("totals", sku, qty)
+            await tx.hincrby(f"{self.name}:totals", sku, qty)
         else:
             await tx.write(
                 "INSERT INTO totals (sku, qty) VALUES (?, ?) ON CONFLICT (sku) "
@@ -101,7 +101,7 @@ class ParkingTotals(Totals):
 async def read_totals(rm: ReadModel, name: str = "totals") -> dict[str, int]:
     """The view of :class:`Totals` as a dict, whatever the backend."""
     if rm.capabilities.key_value:
-        raw = await rm.hgetall(name, "totals")  # type: ignore[attr-defined]
+        raw = await rm.hgetall(f"{name}:totals")  # type: ignore[attr-defined]
         return {k: int(v) for k, v in raw.items()}
     return {r[0]: r[1] for r in await rm.fetchall("SELECT sku, qty FROM totals")}
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,9 +31,12 @@ import pytest
 from stanchion.codec import EncodeError
 from stanchion.errors import BackendUnavailable, ConfigError, StanchionError
 from stanchion.pubsub import Broker, Message, Router, idempotent
+from stanchion.testing.pytest_plugin import need_service
+from stanchion.testing.services import run_sync, with_query
 from stanchion.urls import parse_url
 
 __all__ = [
+    "pubsub_amqp_url",
     "test_bad_input",
     "test_competing_consumers",
     "test_correlation_and_trace_propagate",
@@ -54,6 +57,42 @@ __all__ = [
     "test_unreachable_broker",
     "test_wildcards",
 ]
+
+
+@pytest.fixture
+def pubsub_amqp_url(namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Like the ``amqp_url`` fixture, but deletes what the test declared over AMQP.
+
+    (``rabbitmqctl`` costs about a second per call; a test declares ~10 queues.)
+    """
+    from stanchion.pubsub.backends import _rabbitmq
+
+    base = need_service("amqp")
+    names: set[str] = set()
+    original = _rabbitmq.RabbitMQDriver.queue_name
+
+    def recording(self: _rabbitmq.RabbitMQDriver, pattern: object, group: str) -> str:
+        name = original(self, pattern, group)  # type: ignore[arg-type]
+        names.add(name)
+        return name
+
+    monkeypatch.setattr(_rabbitmq.RabbitMQDriver, "queue_name", recording)
+    yield with_query(base, prefix=namespace)
+
+    async def cleanup() -> None:
+        import aio_pika
+
+        conn = await aio_pika.connect(base)
+        try:
+            ch = await conn.channel()
+            for name in names:
+                await ch.queue_delete(name)
+            await ch.exchange_delete(f"{namespace}.topics")
+        finally:
+            await conn.close()
+
+    run_sync(cleanup)
+
 
 FAST: dict[str, Any] = {"retry_backoff": (0.02, 0.1), "ack_timeout": 2.0}
 
@@ -516,7 +555,7 @@ async def _in_process_crash(broker: Broker) -> None:
     dead = await broker.subscribe("crash", hang, group="g", ack_timeout=0.5, prefetch=1)
     mid = await broker.publish("crash", {"n": 1})
     await asyncio.wait_for(got.wait(), 10)
-    for task in [*dead._loops, *dead._tasks]:
+    for task in [*dead._loops, *dead._workers]:
         task.cancel()
     broker._subs.discard(dead)
     sink = Sink()

@@ -14,6 +14,7 @@ databases on the server of a PostgreSQL URL (dropped at the end).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from stanchion.errors import (
+    BackendError,
     ConfigError,
     ConflictError,
     ShardKeyRequired,
@@ -31,6 +33,7 @@ from stanchion.errors import (
     UnknownShard,
 )
 from stanchion.sharding import (
+    Directory,
     HashRing,
     JumpHash,
     RouterOptions,
@@ -298,5 +301,26 @@ class TestShardingConformance:
             finally:
                 await db2.close()
             await loaded.close()
+        finally:
+            await db.close()
+
+    async def test_routers_reload_a_new_version(self, shard_env: ShardEnv) -> None:
+        urls = shard_env.urls("s1", "s2")
+        regions = Directory({"eu": "s1", "us": "s2"})
+        opts = RouterOptions(refresh_interval=0.05)
+        db = await _connect(shard_env, urls, regions, options=opts)
+        try:
+            other = await ShardMap.load(shard_env.store)
+            version = await other.update(regions.assign("us", "s1"))
+            assert version == db.shard_map.version + 1
+            for _ in range(250):  # the router polls every 0.05 s
+                if db.shard_for("us") == "s1":
+                    break
+                await asyncio.sleep(0.02)
+            assert db.shard_for("us") == "s1"
+            assert db.shard_map.version == version
+            await other.close()
+            with pytest.raises(BackendError):  # bad SQL is not an outage
+                await db.fetch_all("SELECT * FROM no_such_table")
         finally:
             await db.close()
