@@ -177,9 +177,9 @@ def main() -> None:
     print()
     print(
         "| scenario | lines | wall s | lines/s (wall) | sidecar CPU s | lines per sidecar "
-        "CPU-s | sidecar peak MB | lost |"
+        "CPU-s | sidecar peak MB | collector CPU s | lost |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['scenario']} | {r['lines']:,} | {r['wall_s']:.2f} | {r['lines_per_s']:,.0f} "

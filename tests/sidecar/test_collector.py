@@ -167,6 +167,18 @@ async def test_live_tail_sse_with_resume(svc: Running) -> None:
     await svc.push([rec(2), rec(3, level="error"), rec(4, level="error")])
     await asyncio.wait_for(task, 10)
     assert [g["fields"]["i"] for g in got] == [1, 3, 4]
+    # the same stream from /api/logs with Accept: text/event-stream, resumed by ?after=
+    async with svc.http.get(
+        svc.base + "/api/logs",
+        params={"level": "error", "after": "0"},
+        headers={"Accept": "text/event-stream"},
+    ) as r:
+        first = None
+        async for raw in r.content:
+            if raw.startswith(b"data: "):
+                first = msgspec.json.decode(raw[6:])
+                break
+    assert first is not None and first["fields"]["i"] == 1
 
 
 async def test_retention_by_age_and_count(store_url: str) -> None:

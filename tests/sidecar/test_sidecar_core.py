@@ -261,6 +261,10 @@ def test_log_query_params() -> None:
     with pytest.raises(ConfigError):
         LogQuery.from_params({"since": "yesterday"}, 0)
     assert parse_duration("7d") == 604800
+    empty = LogQuery.from_params(
+        {"service": "", "level": "", "since": "", "until": "", "q": "", "limit": ""}, 0
+    )
+    assert empty == LogQuery()
 
 
 def test_tail_copy_seen_after_the_truncate_is_still_read() -> None:

@@ -23,6 +23,8 @@ CHILD_SIGNALS = textwrap.dedent("""
         print(f"child got {signal.Signals(sig).name}", flush=True)
         if sig == signal.SIGTERM:
             sys.exit(7)
+        if sig == signal.SIGINT:
+            sys.exit(130)
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, on)
     print("ready", flush=True)
@@ -88,7 +90,10 @@ def messages(tmp: Path) -> list[str]:
     return [r["message"] for r in records(tmp)]
 
 
-def test_signals_forwarded_and_exit_code_passed_through(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 7), (signal.SIGINT, 130)])
+def test_signals_forwarded_and_exit_code_passed_through(
+    tmp_path: Path, stop: signal.Signals, status: int
+) -> None:
     cfg = config(tmp_path, '[capture]\nformat = "text"')
     p = sidecar(cfg, sys.executable, "-c", CHILD_SIGNALS)
     try:
@@ -96,11 +101,11 @@ def test_signals_forwarded_and_exit_code_passed_through(tmp_path: Path) -> None:
         p.send_signal(signal.SIGHUP)  # forwarded, the child keeps running
         wait_for(lambda: "child got SIGHUP" in messages(tmp_path))
         assert p.poll() is None
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(20) == 7  # the child's own exit status
+        p.send_signal(stop)
+        assert p.wait(20) == status  # the child's own exit status
     finally:
         p.kill()
-    assert messages(tmp_path)[-1] == "child got SIGTERM"
+    assert messages(tmp_path)[-1] == f"child got {stop.name}"
 
 
 def test_grace_then_sigkill(tmp_path: Path) -> None:
@@ -225,13 +230,19 @@ poll_interval = 0.02
 
 def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
     port = free_port()
-    cfg = config(tmp_path, '[capture]\nformat = "json"', f'listen = "127.0.0.1:{port}"')
-    child = "import json,time\nfor i in range(5): print(json.dumps({'msg': i}), flush=True)\n"
-    child += "time.sleep(30)"
-    p = sidecar(cfg, sys.executable, "-c", child)
+    cfg = config(tmp_path, '[capture]\nformat = "json"')
+    child = "import json,sys,time\nfor i in range(5): print(json.dumps({'msg': i}), flush=True)\n"
+    child += "print('oops on stderr', file=sys.stderr, flush=True)\ntime.sleep(30)"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "stanchion", "sidecar", "--config", str(cfg),
+         "--listen", f"127.0.0.1:{port}", "--", sys.executable, "-c", child],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         wait_for_port(port, 20)
-        wait_for(lambda: len(records(tmp_path)) == 5)
+        wait_for(lambda: len(records(tmp_path)) == 6)
+        err = next(r for r in records(tmp_path) if r["source"] == "stderr")
+        assert err["message"] == "oops on stderr" and err["labels"]["stream"] == "stderr"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
             doc = json.loads(r.read())
         assert doc["status"] == "ok" and doc["child"]["alive"] and doc["child"]["restarts"] == 0
@@ -239,7 +250,8 @@ def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert 'stanchion_sidecar_records_in_total{source="stdout"} 5.0' in text
-        assert 'stanchion_sidecar_records_out_total{sink="out"} 5.0' in text
+        assert 'stanchion_sidecar_records_in_total{source="stderr"} 1.0' in text
+        assert 'stanchion_sidecar_records_out_total{sink="out"} 6.0' in text
         assert "stanchion_sidecar_buffer_bytes" in text
         assert "stanchion_sidecar_child_restarts_total 0.0" in text
         p.send_signal(signal.SIGTERM)
@@ -319,3 +331,83 @@ def test_command_not_found_exits_127(tmp_path: Path) -> None:
     p = sidecar(config(tmp_path), str(tmp_path / "no-such-binary"))
     _, err = p.communicate(timeout=30)
     assert p.returncode == 127 and "cannot start" in err
+
+
+async def test_rename_out_of_the_glob_keeps_reading_the_old_file(tmp_path: Path) -> None:
+    from stanchion.sidecar import Sidecar, load_config
+
+    log = tmp_path / "svc.log"
+    extra = f'[[files]]\nname = "svc"\npaths = ["{log}"]\nformat = "text"\n'
+    extra += "poll_interval = 0.02\nrotate_wait = 5.0\n"
+    child = textwrap.dedent(f"""
+        import os, time
+        f = open({str(log)!r}, "a")
+        for i in range(3):
+            f.write(f"old {{i}}\\n"); f.flush()
+        time.sleep(0.3)
+        os.rename({str(log)!r}, {str(log)!r} + ".1")   # not matched by the glob
+        time.sleep(0.3)
+        f.write("old 3, written after the rename\\n"); f.flush()  # still the old fd
+        g = open({str(log)!r}, "a")
+        g.write("new 0\\n"); g.flush()
+        time.sleep(0.2)
+    """)
+    code = await Sidecar(load_config(config(tmp_path, extra)),
+                         [sys.executable, "-c", child]).run()  # fmt: skip
+    assert code == 0
+    got = [r["message"] for r in records(tmp_path) if r["source"] == "svc"]
+    assert got == ["old 0", "old 1", "old 2", "old 3, written after the rename", "new 0"]
+
+
+def test_collector_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from stanchion.cli import main
+
+    assert main(["collector", "--retention", "soon"]) == 1
+    assert "ConfigError: 'soon' is not a duration" in capsys.readouterr().err
+    assert main(["collector", "--store", "redis://127.0.0.1:6379/0"]) == 1
+    assert capsys.readouterr().err.startswith("ConfigError: ")
+    assert main(["collector", "--listen", "nowhere"]) == 1
+    assert "not HOST:PORT" in capsys.readouterr().err
+    assert main(["collector", "--max-body", "lots"]) == 1
+    assert "is not a size" in capsys.readouterr().err
+
+
+async def test_a_grandchild_holding_the_pipe_does_not_block_the_exit(tmp_path: Path) -> None:
+    from stanchion.sidecar import Sidecar, load_config
+
+    cfg = config(tmp_path, '[capture]\nformat = "text"')
+    # the shell leaves a background sleeper holding stdout, then exits with 5
+    child = ["sh", "-c", "echo before; (sleep 4 &) ; echo after; exit 5"]
+    t0 = time.monotonic()
+    assert await Sidecar(load_config(cfg), child).run() == 5
+    assert time.monotonic() - t0 < 15
+    assert messages(tmp_path) == ["before", "after"]
+
+
+async def test_two_sidecars_cannot_share_a_state_dir(tmp_path: Path) -> None:
+    import asyncio
+
+    from stanchion.errors import ConfigError
+    from stanchion.sidecar import Sidecar, load_config
+
+    options = load_config(config(tmp_path, '[capture]\nformat = "text"'))
+    first = asyncio.create_task(
+        Sidecar(options, [sys.executable, "-c", "import time; time.sleep(1.5)"]).run()
+    )
+    await asyncio.sleep(0.3)
+    with pytest.raises(ConfigError, match="in use by another sidecar"):
+        await Sidecar(options, [sys.executable, "-c", "pass"]).run()
+    assert await first == 0
+    assert await Sidecar(options, [sys.executable, "-c", "pass"]).run() == 0  # free again
+
+
+def test_stdout_sink_writes_ndjson_records(tmp_path: Path) -> None:
+    sink = '[[sinks]]\nname = "out"\ntype = "stdout"\nbatch_timeout = 0.01\n'
+    cfg = config(tmp_path, '[capture]\nformat = "logfmt"', sink=sink)
+    p = sidecar(cfg, sys.executable, "-c", "print('level=error msg=\"disk full\" dev=sda')")
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [(r["level"], r["message"], r["fields"]) for r in recs] == [
+        ("error", "disk full", {"dev": "sda"})
+    ]

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from stanchion.sidecar import Sidecar
+from stanchion.sidecar import LogRecord, Sidecar
 from stanchion.sidecar._config import options_from_dict
 from stanchion.testing.servers import free_port, wait_for_port
 
@@ -160,8 +160,15 @@ async def test_loki_elasticsearch_otlp_payloads(
         },
         {"name": "otel", "type": "otlp", "url": base, "backoff_initial": 0.01},
     ]
-    code = await Sidecar(opts(tmp_path, sinks), [sys.executable, "-c", CHILD]).run()
-    assert code == 0
+
+    def tag(rec: LogRecord) -> LogRecord | None:  # a processor: drop one, tag the others
+        if rec.fields.get("i") == 7:
+            return None
+        rec.fields["via"] = "proc"
+        return rec
+
+    sidecar = Sidecar(opts(tmp_path, sinks), [sys.executable, "-c", CHILD], processors=[tag])
+    assert await sidecar.run() == 0
     by_path: dict[str, list[tuple[dict[str, str], bytes]]] = {}
     for path, headers, body in rec.requests:
         by_path.setdefault(path, []).append((headers, body))
@@ -169,7 +176,7 @@ async def test_loki_elasticsearch_otlp_payloads(
     loki = [msgspec.json.decode(b) for _, b in by_path["/loki/api/v1/push"]]
     assert by_path["/loki/api/v1/push"][0][0]["X-Scope-OrgID"] == "t1"
     values = [(s["stream"], v) for doc in loki for s in doc["streams"] for v in s["values"]]
-    assert len(values) == 50
+    assert len(values) == 49
     stream, (ns, line) = values[0]
     assert stream["service"] == "orders" and stream["env"] == "test" and "level" in stream
     assert len(ns) >= 18 and msgspec.json.decode(line)["id"].startswith("stdout/")
@@ -177,9 +184,10 @@ async def test_loki_elasticsearch_otlp_payloads(
     bulk = b"".join(b for _, b in by_path["/_bulk"]).splitlines()
     actions = [msgspec.json.decode(x) for x in bulk[0::2]]
     docs = [msgspec.json.decode(x) for x in bulk[1::2]]
-    assert len(docs) == 50 and actions[0]["create"]["_index"] == "logs-x"
+    assert len(docs) == 49 and actions[0]["create"]["_index"] == "logs-x"
     assert actions[3]["create"]["_id"] == docs[3]["id"] and docs[3]["@timestamp"]
-    assert docs[10]["level"] == "error" and docs[10]["fields"] == {"i": 10}
+    assert "event 7" not in {d["message"] for d in docs}
+    assert docs[9]["level"] == "error" and docs[9]["fields"] == {"i": 10, "via": "proc"}
     # OTLP/HTTP logs JSON
     otlp = [msgspec.json.decode(b) for _, b in by_path["/v1/logs"]]
     logs = [
@@ -189,12 +197,12 @@ async def test_loki_elasticsearch_otlp_payloads(
         for sl in rl["scopeLogs"]
         for r in sl["logRecords"]
     ]
-    assert len(logs) == 50
+    assert len(logs) == 49
     attrs = {a["key"]: a["value"] for a in otlp[0]["resourceLogs"][0]["resource"]["attributes"]}
     assert attrs["service.name"] == {"stringValue": "orders"}
-    assert logs[10]["severityText"] == "ERROR" and logs[10]["severityNumber"] == 17
-    assert logs[10]["body"] == {"stringValue": "event 10"}
-    assert {"key": "log.record.uid", "value": {"stringValue": docs[10]["id"]}} in logs[10][
+    assert logs[9]["severityText"] == "ERROR" and logs[9]["severityNumber"] == 17
+    assert logs[9]["body"] == {"stringValue": "event 10"}
+    assert {"key": "log.record.uid", "value": {"stringValue": docs[9]["id"]}} in logs[9][
         "attributes"
     ]
 
@@ -245,3 +253,28 @@ async def test_two_sinks_each_with_its_own_buffer(
     assert await Sidecar(o2, [sys.executable, "-c", "pass"]).run() == 0
     pushed = b"".join(b for p, _, b in rec.requests if p == "/api/push").splitlines()
     assert [msgspec.json.decode(x)["message"] for x in pushed] == [f"event {i}" for i in range(50)]
+
+
+async def test_batches_too_large_for_the_collector_are_split(tmp_path: Path) -> None:
+    from stanchion.sidecar import Collector, CollectorOptions, open_store
+
+    port = free_port()
+    collector = Collector(
+        open_store(f"sqlite:///{tmp_path / 'logs.db'}"), CollectorOptions(max_body_bytes=8192)
+    )
+    await collector.start("127.0.0.1", port)
+    try:
+        child = (
+            "import json\n"
+            "for i in range(100): print(json.dumps({'msg': f'm{i}', 'pad': 'x' * 100}))\n"
+            "print(json.dumps({'msg': 'huge', 'pad': 'y' * 20000}))\n"
+        )
+        sinks = [{"name": "c", "type": "collector", "url": f"http://127.0.0.1:{port}",
+                  "batch_max_bytes": 1048576, "batch_timeout": 0.5}]  # fmt: skip
+        sidecar = Sidecar(opts(tmp_path, sinks), [sys.executable, "-c", child])
+        assert await sidecar.run() == 0
+        assert await collector.store.count() == 100  # all, in batches that fit
+        text = sidecar.metrics.render().decode()
+        assert 'stanchion_sidecar_records_dropped_total{reason="rejected",sink="c"} 1.0' in text
+    finally:
+        await collector.aclose()

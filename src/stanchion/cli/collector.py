@@ -30,7 +30,6 @@ def main(argv: list[str]) -> int:
     import asyncio
     import signal
 
-    from stanchion.errors import ConfigError
     from stanchion.observability import configure_logging
     from stanchion.sidecar import Collector, CollectorOptions, open_store
     from stanchion.sidecar._config import _split_listen
@@ -59,7 +58,6 @@ def main(argv: list[str]) -> int:
         await collector.aclose()
         return 0
 
-    _ = ConfigError
     return _util.run(serve())
 
 

@@ -25,6 +25,11 @@ def main(argv: list[str]) -> int:
         default=_util.env("SIDECAR_CONFIG"),
         help="the sidecar.toml file (env STANCHION_SIDECAR_CONFIG)",
     )
+    p.add_argument(
+        "--listen",
+        default=_util.env("SIDECAR_LISTEN"),
+        help="HOST:PORT for /health and /metrics (overrides [sidecar] listen)",
+    )
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--log-level", default=_util.env("LOG_LEVEL", "INFO"), help="sidecar's logs")
     args = p.parse_args(own)
@@ -34,6 +39,10 @@ def main(argv: list[str]) -> int:
     from stanchion.sidecar import Sidecar, load_config
 
     options = load_config(args.config)  # a bad config fails here, before the child starts
+    if args.listen is not None:
+        import dataclasses
+
+        options = dataclasses.replace(options, listen=args.listen)
     if args.check:
         print(
             f"{args.config}: ok ({len(options.sinks)} sink(s), {len(options.files)} file input(s))"

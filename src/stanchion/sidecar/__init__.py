@@ -11,6 +11,18 @@ OTLP/HTTP, syslog (RFC 5424 over TCP), a file or stdout.
 ``stanchion collector --listen ADDR --store URL`` receives the batches,
 deduplicates by record id and serves ``GET /api/logs`` and a live tail.
 
+Delivery rule: nothing the sidecar has read is lost (each record is in the
+disk buffer of every sink before its file position is checkpointed, and
+leaves a buffer only when that sink acknowledged it); after a crash or a
+SIGKILL it re-sends at most the unacknowledged batches and the lines of the
+last ``checkpoint_interval``, with the same ids. Documented exceptions: bytes
+still in the child's pipe when the sidecar itself is SIGKILLed (plus the one
+64 KiB read in flight into the buffer and a pipe's partial last line), and
+with copytruncate rotation the lines written between the copy and the
+truncate (the rest of the old file is read from the copy when the globs
+match it, e.g. ``app.log*``). A line longer than ``max_line_bytes`` is
+truncated to that many bytes and flagged ``fields.truncated = true``.
+
 Library use::
 
     from stanchion.sidecar import Sidecar, load_config

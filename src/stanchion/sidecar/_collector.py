@@ -3,14 +3,21 @@
 HTTP API::
 
     POST /api/push      NDJSON records (or a JSON array / {"records": [...]}),
+                        (also POST /api/logs)
                         optional gzip; "Authorization: Bearer TOKEN" when a token is set.
                         -> {"accepted": n, "inserted": k, "duplicates": n - k}
     GET  /api/logs      ?service=&level=&since=&until=&q=&source=&limit=&cursor=&order=
                         -> {"records": [...], "next_cursor": "123" | null}
     GET  /api/tail      the same filters, as server-sent events (one record per event,
-                        the event id is its cursor; Last-Event-ID resumes)
+                        the event id is its cursor; Last-Event-ID or ?after= resumes);
+                        also GET /api/logs/tail, or GET /api/logs with
+                        "Accept: text/event-stream"
     GET  /health        {"status": "ok", "records": n}
     GET  /metrics       Prometheus
+
+Deduplication is by record id over what is stored: an id deleted by retention
+is accepted again if a sidecar re-sends it (re-sends are of unacknowledged
+batches, seconds old, so in practice only with a retention of seconds).
 """
 
 from __future__ import annotations
@@ -127,8 +134,10 @@ class Collector:
         self._prune_task: asyncio.Task[None] | None = None
         self.app = web.Application(client_max_size=self.opts.max_body_bytes)
         self.app.router.add_post("/api/push", self._push)
+        self.app.router.add_post("/api/logs", self._push)  # alias
         self.app.router.add_get("/api/logs", self._logs)
         self.app.router.add_get("/api/tail", self._tail)
+        self.app.router.add_get("/api/logs/tail", self._tail)  # alias
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.on_startup.append(self._on_startup)
@@ -276,7 +285,9 @@ class Collector:
     def _query(self, request: web.Request) -> LogQuery:
         return LogQuery.from_params(dict(request.query), time.time(), self.opts.max_limit)
 
-    async def _logs(self, request: web.Request) -> web.Response:
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        if "text/event-stream" in request.headers.get("Accept", ""):
+            return await self._tail(request)  # the live tail, same filters
         try:
             query = self._query(request)
         except ConfigError as exc:

@@ -4,7 +4,7 @@ Example::
 
     [sidecar]
     service = "orders"              # label "service" (default: the command's name)
-    instance = "orders-1"           # label "instance" (default: host-pid)
+    instance = "orders-1"           # label "instance" (default: the host name)
     state_dir = ".stanchion/sidecar"  # checkpoints and disk buffers
     listen = "127.0.0.1:9400"       # /health and /metrics ("" to disable)
     grace = 10.0                    # seconds between SIGTERM and SIGKILL
@@ -33,6 +33,7 @@ Example::
     paths = ["/var/log/app/*.log*"] # globs; include rotated names for lossless copytruncate
     format = "json"
     read_from = "beginning"         # or "end" (files found at the first start only)
+    rotate_wait = 5.0               # keep reading a file renamed out of the globs this long
 
     [[sinks]]
     name = "central"
@@ -47,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -121,6 +121,8 @@ class FileInput:
         read_from: ``beginning`` or ``end`` for files present at the very first start.
         fingerprint_bytes: first bytes that identify a file (with its inode).
         poll_interval: how often the globs are scanned (s).
+        rotate_wait: a file renamed out of the globs is read until it has been
+            silent this long (s): the writer may append to it until it reopens.
     """
 
     name: str
@@ -129,8 +131,11 @@ class FileInput:
     read_from: str = "beginning"
     fingerprint_bytes: int = 256
     poll_interval: float = 0.25
+    rotate_wait: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.rotate_wait < 0:
+            raise ConfigError(f"file input {self.name!r}: rotate_wait must be >= 0")
         if not self.paths:
             raise ConfigError(f"file input {self.name!r} needs at least one path")
         if self.read_from not in ("beginning", "end"):
@@ -210,7 +215,7 @@ class SidecarOptions:
         """The base labels of every record."""
         return {
             "service": self.service or service,
-            "instance": self.instance or f"{self.host}-{os.getpid()}",
+            "instance": self.instance or self.host,
             "host": self.host,
             **self.labels,
         }
@@ -275,7 +280,7 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
         w = f"{where} [[files]] #{i + 1}"
         _check(
             f, _PARSE_KEYS | {"name", "paths", "path", "read_from", "fingerprint_bytes",
-                              "poll_interval"}, w
+                              "poll_interval", "rotate_wait"}, w
         )  # fmt: skip
         paths = f.get("paths", f.get("path"))
         if isinstance(paths, str):
@@ -291,6 +296,7 @@ def options_from_dict(data: dict[str, Any], where: str = "config") -> SidecarOpt
                     read_from=str(f.get("read_from", "beginning")),
                     fingerprint_bytes=int(f.get("fingerprint_bytes", 256)),
                     poll_interval=float(f.get("poll_interval", 0.25)),
+                    rotate_wait=float(f.get("rotate_wait", 5.0)),
                 )
             )
         except ConfigError as exc:

@@ -90,6 +90,7 @@ __all__ = [
     "LogRecord",
     "Multiline",
     "Pipeline",
+    "Processor",
     "ReadPlan",
     "RestartDecision",
     "RestartPolicy",
@@ -1049,11 +1050,11 @@ class LogQuery:
         if unknown:
             raise ConfigError(f"unknown query parameter(s): {', '.join(unknown)}")
         try:
-            limit = int(params.get("limit", "100"))
+            limit = int(params.get("limit") or "100")
             cursor = int(params["cursor"]) if params.get("cursor") else None
         except ValueError as exc:
             raise ConfigError("limit and cursor must be integers") from exc
-        order = params.get("order", "asc")
+        order = params.get("order") or "asc"
         if order not in ("asc", "desc"):
             raise ConfigError('order must be "asc" or "desc"')
         levels = tuple(normalize_level(x) for x in params.get("level", "").split(",") if x.strip())

@@ -33,13 +33,14 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from stanchion.errors import BackendUnavailable
+from stanchion.errors import BackendUnavailable, ConfigError
 from stanchion.observability import CONTENT_TYPE, Metrics, get_logger
 from stanchion.sidecar._buffer import DiskBuffer
 from stanchion.sidecar._config import FileInput, ParseOptions, SidecarOptions, _split_listen
@@ -49,6 +50,7 @@ from stanchion.sidecar._core import (
     LogRecord,
     Multiline,
     Pipeline,
+    Processor,
     TailTracker,
 )
 from stanchion.sidecar._sinks import Sink, SinkRejected, make_sink
@@ -128,6 +130,8 @@ class Sidecar:
         options: the validated configuration.
         argv: the child's command line (may be empty: files only).
         metrics: where to register metrics (a private registry by default).
+        processors: callables run on every record after parsing (return the
+            record, changed or not, or ``None`` to drop it), for every source.
 
     Call :meth:`run`, which returns the exit status to exit with.
 
@@ -135,9 +139,14 @@ class Sidecar:
     """
 
     def __init__(
-        self, options: SidecarOptions, argv: list[str], metrics: Metrics | None = None
+        self,
+        options: SidecarOptions,
+        argv: list[str],
+        metrics: Metrics | None = None,
+        processors: Sequence[Processor] = (),
     ) -> None:
         self.opts = options
+        self.processors = tuple(processors)
         self.argv = list(argv)
         self.metrics = metrics or Metrics()
         m = self.metrics
@@ -188,6 +197,7 @@ class Sidecar:
     async def _ship(self, r: _SinkRunner) -> None:
         policy = r.buffer.policy
         attempt = 0
+        max_records = policy.batch_max_records
         name = r.sink.name
         while True:
             unread = r.buffer.unread_bytes()
@@ -209,7 +219,9 @@ class Sidecar:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(r.wake.wait(), max(0.001, policy.batch_timeout - age))
                 continue
-            batch = r.buffer.read(policy.batch_max_records, policy.batch_max_bytes)
+            batch = r.buffer.read(
+                min(policy.batch_max_records, max_records), policy.batch_max_bytes
+            )
             if batch is None:
                 r.first_unsent = None
                 await asyncio.sleep(0.01)
@@ -217,6 +229,12 @@ class Sidecar:
             try:
                 await r.sink.send(batch.data, batch.count)
             except SinkRejected as exc:
+                if exc.status == 413 and batch.count > 1:
+                    # too large for the receiver: same records, smaller batches
+                    r.buffer.rewind()
+                    max_records = max(1, batch.count // 2)
+                    log.warning("sidecar.batch_too_large", sink=name, retry_records=max_records)
+                    continue
                 r.buffer.ack(batch)
                 self.m_dropped.labels(name, "rejected").inc(batch.count)
                 log.error("sidecar.batch_rejected", sink=name, records=batch.count, error=str(exc))
@@ -232,6 +250,7 @@ class Sidecar:
                 await asyncio.sleep(delay)
                 continue
             r.buffer.ack(batch)
+            max_records = policy.batch_max_records
             if not r.reachable:
                 log.info("sidecar.sink_up", sink=name)
             r.reachable = True
@@ -254,7 +273,9 @@ class Sidecar:
         that instant, and a partial last line or an open multiline record.
         """
         parse = self.opts.stdout_parse if stream == "stdout" else self.opts.stderr_parse
-        pipeline = Pipeline(parse.parser(), stream, {**self.labels, "stream": stream})
+        pipeline = Pipeline(
+            parse.parser(), stream, {**self.labels, "stream": stream}, self.processors
+        )
         s = _Stream(parse, pipeline, run_id, 0)
         echo = (sys.stdout if stream == "stdout" else sys.stderr).buffer
         loop = asyncio.get_running_loop()
@@ -343,7 +364,13 @@ class Sidecar:
                 asyncio.create_task(self._read_pipe(fd, name, run_id)) for name, fd in fds.items()
             ]
             code = await proc.wait()
-            await asyncio.gather(*readers, return_exceptions=True)
+            # the pipes end when every holder closed them; a grandchild left running in
+            # the background may keep them open: read what is there, then let go
+            if readers:
+                _, late = await asyncio.wait(readers, timeout=2.0)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
             self.m_child_up.set(0)
             log.info("sidecar.child_exited", pid=proc.pid, returncode=code)
             if time.monotonic() - started >= self.opts.restart.reset_after:
@@ -429,7 +456,9 @@ class Sidecar:
             [FileState.from_dict(d) for d in saved],
         )
         self._trackers[inp.name] = tracker
-        pipeline = Pipeline(inp.parse.parser(), inp.name, {**self.labels, "stream": "file"})
+        pipeline = Pipeline(
+            inp.parse.parser(), inp.name, {**self.labels, "stream": "file"}, self.processors
+        )
         streams: dict[str, _Stream] = {}
         fds: dict[str, tuple[int, int]] = {}  # identity -> (fd, inode)
         loop = asyncio.get_running_loop()
@@ -450,6 +479,7 @@ class Sidecar:
             return pos, got, False
 
         readpos: dict[str, int] = {}
+        idle_since: dict[str, float] = {}
         while True:
             stats: list[FileStat] = []
             paths: set[str] = set()
@@ -479,7 +509,13 @@ class Sidecar:
                 behind = behind or not eof
                 if state is not None:
                     state.offset = s.safe_offset
-                if not got:
+                now = loop.time()
+                if got:
+                    idle_since[ident] = now
+                # the writer may still append through its old descriptor for a while
+                # (until it reopens): keep reading for rotate_wait seconds of silence
+                elif now - idle_since.setdefault(ident, now) >= inp.rotate_wait:
+                    idle_since.pop(ident, None)
                     self._ingest(s.flush(time.time()), inp.name)
                     if state is not None:
                         state.offset = s.safe_offset
@@ -634,6 +670,7 @@ class Sidecar:
         Returns the exit status: the child's, or 128 + N when a signal N killed it.
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = self._lock_state_dir()
         for so in self.opts.sinks:
             buf = DiskBuffer(self.state_dir / "buffers" / so.name, so.buffer)
             self.runners.append(_SinkRunner(make_sink(so.name, so.type, so.options), buf, so))
@@ -687,7 +724,26 @@ class Sidecar:
                 await http.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            os.close(lock_fd)
         return code if code >= 0 else 128 - code
+
+    def _lock_state_dir(self) -> int:
+        """Take the state directory for this sidecar alone (its buffers and positions)."""
+        import fcntl
+
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"state_dir {str(self.state_dir)!r} is in use by another sidecar (pid {owner}); "
+                "give each sidecar its own state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
 
     def stop(self) -> None:
         """Ask the sidecar to stop (as SIGTERM would)."""

@@ -42,7 +42,18 @@ _encode = msgspec.json.Encoder().encode
 
 
 class SinkRejected(StanchionError):
-    """The sink refused a batch for good (bad request): it is dropped and counted."""
+    """The sink refused a batch for good (bad request): it is dropped and counted.
+
+    A 413 (too large) is retried in smaller batches first; only a single record
+    refused as too large is dropped.
+
+    Attributes:
+        status: the HTTP status, when there is one.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Sink:
@@ -88,8 +99,10 @@ class Sink:
                     return text
                 detail = text[:300].decode("utf-8", "replace")
                 if 400 <= resp.status < 500 and resp.status not in (401, 403, 404, 408, 429):
-                    raise SinkRejected(f"{self.name}: {url} rejected the batch: {resp.status} "
-                                       f"{detail}")  # fmt: skip
+                    raise SinkRejected(
+                        f"{self.name}: {url} rejected the batch: {resp.status} {detail}",
+                        resp.status,
+                    )
                 raise BackendUnavailable(
                     f"{self.name}: {url} answered {resp.status}: {detail}", url=url
                 )

@@ -3,7 +3,8 @@
 One row per group: holder, token, expiry. Each step is one statement, so
 the row lock makes "is the lease free? then take it with token + 1" atomic;
 expiries use the server's ``clock_timestamp()``, so candidate clocks never
-have to agree. The token lives in the row: it survives restarts.
+have to agree. The token lives in the row: it survives restarts. Releasing
+sends a NOTIFY on the table's channel, so waiting candidates try at once.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class PostgresLeases:
     def __init__(self, dsn: str, *, masked: str, prefix: str = "", timeout: float = 5.0) -> None:
         self._pg = _PG(dsn, masked, timeout)
         self._t = f"{prefix}stanchion_election"
+        self._listener: Any = None
+        self._released: dict[str, asyncio.Event] = {}
 
     @classmethod
     def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> PostgresLeases:
@@ -126,6 +129,11 @@ class PostgresLeases:
 
         async def go(conn: Any) -> Grant | Holder | None:
             await self._setup(conn)
+            # Read first (MVCC, no row lock): while a lease is held, followers' polls
+            # must not queue on the row lock the leader's renewal needs.
+            holder = await self._observe(conn, group)
+            if holder is not None:
+                return holder
             token = await conn.fetchval(
                 f"INSERT INTO {self._t} AS l (grp, holder, token, expires_at) "
                 "VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) "
@@ -160,16 +168,18 @@ class PostgresLeases:
         return await self._pg.run(go)
 
     async def release(self, group: str, identity: str, token: int) -> None:
-        """Free the lease if term ``token`` still holds it (the token stays)."""
+        """Free the lease if term ``token`` still holds it (the token stays); NOTIFY waiters."""
 
         async def go(conn: Any) -> None:
             await self._setup(conn)
             await conn.execute(
-                f"UPDATE {self._t} SET holder = NULL, expires_at = '-infinity' "
-                "WHERE grp = $1 AND token = $2 AND holder = $3",
+                f"WITH freed AS (UPDATE {self._t} SET holder = NULL, expires_at = '-infinity' "
+                "WHERE grp = $1 AND token = $2 AND holder = $3 RETURNING grp) "
+                "SELECT pg_notify($4, grp) FROM freed",
                 group,
                 token,
                 identity,
+                self._t,
             )
 
         await self._pg.run(go)
@@ -194,13 +204,43 @@ class PostgresLeases:
             return None
         return Holder(row["holder"], int(row["token"]), float(row["remaining"]))
 
+    async def _listen(self, group: str) -> asyncio.Event:
+        if self._listener is None or self._listener.is_closed():
+            self._listener = None
+            conn = await asyncpg.connect(self._pg._dsn, timeout=self._pg._timeout)
+
+            def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                event = self._released.get(payload)
+                if event is not None:
+                    event.set()
+
+            await conn.add_listener(self._t, notified)
+            self._listener = conn
+        return self._released.setdefault(group, asyncio.Event())
+
     async def wait(self, group: str, seconds: float) -> bool:
-        """Sleep ``seconds``."""
-        await asyncio.sleep(seconds)
-        return False
+        """Wait up to ``seconds`` for the holder to resign (LISTEN/NOTIFY)."""
+        try:
+            event = await asyncio.wait_for(self._listen(group), seconds)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+            await asyncio.sleep(seconds)  # unreachable: the next attempt reports it
+            return False
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            event.clear()
 
     async def aclose(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                await asyncio.wait_for(listener.close(), 2)
+            except Exception:
+                listener.terminate()
         await self._pg.close()
 
 

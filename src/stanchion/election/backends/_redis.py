@@ -3,7 +3,8 @@
 Keys (``?prefix=`` in front): ``stanchion:election:<group>`` is a hash
 ``{holder, token}`` whose PEXPIRE is the lease; ``…:<group>:term`` keeps the
 last token. One script checks the lease, computes the next token and grants
-it, atomically.
+it, atomically. Releasing publishes on ``…:<group>:released`` so waiting
+candidates try again at once instead of at their next poll.
 
 Tokens never go backwards, even when Redis loses its data (no persistence
 and a restart, a flush, a failover to a replica that lagged):
@@ -73,11 +74,12 @@ end
 return 0
 """
 
-# KEYS: lease. ARGV: token, identity.
+# KEYS: lease. ARGV: token, identity, channel. Wakes the waiting candidates up.
 _RELEASE = """
 local v = redis.call('HMGET', KEYS[1], 'token', 'holder')
 if v[1] == ARGV[1] and v[2] == ARGV[2] then
   redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], 'released')
   return 1
 end
 return 0
@@ -105,6 +107,8 @@ class RedisLeases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._pubsub: Any = None
+        self._channels: set[str] = set()
 
     @classmethod
     def from_url(cls, parsed: ParsedURL, *, connect_timeout: float = 5.0) -> RedisLeases:
@@ -159,7 +163,8 @@ class RedisLeases:
 
     async def release(self, group: str, identity: str, token: int) -> None:
         """Delete the lease if term ``token`` still holds it (the term key stays)."""
-        await self._do(self._release(keys=[self._key(group)], args=[token, identity]))
+        key = self._key(group)
+        await self._do(self._release(keys=[key], args=[token, identity, key + ":released"]))
 
     async def observe(self, group: str) -> Holder | None:
         """The current holder, if any."""
@@ -177,12 +182,38 @@ class RedisLeases:
         return Holder(holder.decode(), int(token), int(pttl) / 1000)
 
     async def wait(self, group: str, seconds: float) -> bool:
-        """Sleep ``seconds``."""
-        await asyncio.sleep(seconds)
+        """Wait up to ``seconds`` for the holder to resign (a PUBLISH from release)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        channel = self._key(group) + ":released"
+        try:
+            if self._pubsub is None:
+                self._pubsub = self._r.pubsub()
+            if channel not in self._channels:
+                await self._pubsub.subscribe(channel)
+                self._channels.add(channel)
+            while (left := end - loop.time()) > 0:
+                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+                if msg is not None and msg.get("type") == "message":
+                    return True
+        except (RedisError, OSError):
+            # Redis unreachable: sleep out the interval; the next attempt reports it.
+            await self._drop_pubsub()
+            await asyncio.sleep(max(end - loop.time(), 0.0))
         return False
 
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._channels.clear()
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the subscription and the connection pool."""
+        await self._drop_pubsub()
         try:
             await self._r.aclose()
         except (RedisError, OSError):

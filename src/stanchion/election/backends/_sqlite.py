@@ -130,6 +130,11 @@ class SQLiteLeases:
 
         def go(conn: sqlite3.Connection) -> Grant | Holder | None:
             self._setup(conn)
+            # Read first, without the write lock: while a lease is held, followers'
+            # polls must not contend with the leader's renewals for the write lock.
+            row = self._row(conn, group)
+            if row is not None and row[0] is not None and row[2] > 0:
+                return Holder(row[0], row[1], row[2])
             conn.execute("BEGIN IMMEDIATE")
             try:
                 row = self._row(conn, group)
