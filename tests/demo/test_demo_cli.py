@@ -87,3 +87,19 @@ def test_scenario_list_and_unknown(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown scenario" in bad.stderr
+
+
+def test_services_mode_names_the_unreachable_service(tmp_path: Path) -> None:
+    import sys
+
+    from stanchion.testing.servers import free_port
+
+    dead = free_port()  # nothing listens there
+    env = {**os.environ, "STANCHION_DEMO_ETCD_URL": f"etcd://127.0.0.1:{dead}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stanchion", "demo", "--services", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert f"etcd at 127.0.0.1:{dead}" in out.stderr and "Traceback" not in out.stderr
