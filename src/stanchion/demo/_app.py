@@ -412,7 +412,7 @@ restart = "always"
 max_restarts = 0
 backoff_initial = 0.5
 backoff_max = 3.0
-passthrough = false
+passthrough = true
 
 [capture]
 stdout = true
@@ -464,7 +464,10 @@ batch_timeout = 0.2
         """POST the order to the orders service; return (status, JSON answer)."""
         assert self._http is not None and self.cfg is not None
         async with self._http.post(f"{self.cfg.orders_url}/orders", json=body) as resp:
-            answer = await resp.json(content_type=None)
+            try:
+                answer = await resp.json(content_type=None)
+            except ValueError:
+                return resp.status, {"error": (await resp.text())[:500]}
             if resp.status == 201:
                 self.placed.append((answer["order_id"], int(answer["position"])))
             return resp.status, answer

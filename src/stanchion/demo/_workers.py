@@ -37,7 +37,7 @@ from stanchion.demo._shop import (
     ShopError,
 )
 from stanchion.election import LeaderElector
-from stanchion.errors import ShardUnavailable, StanchionError
+from stanchion.errors import BackendError, ShardUnavailable, StanchionError
 from stanchion.eventsourcing import EventStore, Repository
 from stanchion.pubsub import Broker, Message
 
@@ -272,8 +272,14 @@ async def orders_service(cfg: DemoConfig, identity: str) -> None:
         except ShardUnavailable as exc:
             log.warning("orders.shard_unavailable", region=region, error=str(exc))
             return _error(503, str(exc), reason="shard-unavailable")
+        except BackendError as exc:  # the shard failed mid-call (before its breaker opened)
+            log.warning("orders.shard_error", region=region, error=str(exc))
+            return _error(503, str(exc), reason="shard-error")
         except (ShopError, StanchionError) as exc:
             return _error(400, str(exc))
+        except Exception as exc:  # a bug or an unmapped failure: answer JSON, log it
+            log.exception("orders.register_failed", region=region)
+            return _error(500, f"{type(exc).__name__}: {exc}")
         try:
             result = await commands.dispatch(PlaceOrder(order_id, customer, region, items))
         except ShopError as exc:

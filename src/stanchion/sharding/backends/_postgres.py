@@ -37,6 +37,7 @@ _UNAVAILABLE = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # the connection broke mid-protocol
 )
 
 
@@ -55,6 +56,8 @@ def _map_error(exc: BaseException, where: str) -> BaseException:
         return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}", url=where)
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         return BackendError(f"{where}: {exc}")
+    if type(exc).__module__.startswith("asyncpg"):  # never leak a driver error
+        return BackendError(f"{where}: {type(exc).__name__}: {exc}")
     return exc
 
 
