@@ -72,9 +72,44 @@ async def in_batches(n: int, one: Callable[[int], Awaitable[Any]]) -> None:
 
 
 async def stanchion_bench(url: str, n: int) -> Result:
+    topic = f"bench{uuid.uuid4().hex[:8]}"
+    try:
+        return await _stanchion_bench(url, n, topic)
+    finally:
+        await _cleanup(url, topic)
+
+
+async def _cleanup(url: str, topic: str) -> None:
+    # Delete what the stanchion run created on the shared servers.
+    scheme, _, rest = url.partition("://")
+    prefix = rest.split("prefix=", 1)[1] if "prefix=" in rest else ""
+    with contextlib.suppress(Exception):
+        if scheme == "redis":
+            import redis.asyncio as aioredis
+
+            r = aioredis.Redis.from_url(url.split("?")[0])
+            await r.delete(prefix + topic, prefix + topic + ".dead")
+            await r.aclose()
+        elif scheme == "nats":
+            import nats
+
+            nc = await nats.connect(url.split("?")[0])
+            await nc.jetstream().delete_stream(prefix)
+            await nc.close()
+        elif scheme == "amqp":
+            import aio_pika
+
+            conn = await aio_pika.connect(url.split("?")[0])
+            ch = await conn.channel()
+            for q in (f"{prefix}:g:{topic}", f"{prefix}:g:{topic}.dead"):
+                await ch.queue_delete(q)
+            await ch.exchange_delete(f"{prefix}.topics")
+            await conn.close()
+
+
+async def _stanchion_bench(url: str, n: int, topic: str) -> Result:
     out: Result = {}
     async with await Broker.connect(url) as broker:
-        topic = f"bench{uuid.uuid4().hex[:8]}"
         await broker.declare(topic, group="g")
         out["pub"] = rate(n, await timed(lambda: _st_pub(broker, topic, n)))
         out["pub_batch"] = rate(n, await timed(lambda: _st_pub_many(broker, topic, n)))
