@@ -624,16 +624,24 @@ class _KafkaConsumer:
         return out
 
     async def ack(self, tokens: Sequence[object]) -> None:
+        try:
+            await self._commit(tokens)
+        finally:
+            # Only now (the commit landed or failed) may a revocation waiting
+            # for these handlers let their partitions go.
+            for t in tokens:
+                self._running.discard(t)  # type: ignore[arg-type, unused-ignore]
+            self._changed.set()
+
+    async def _commit(self, tokens: Sequence[object]) -> None:
         commit: dict[TopicPartition, int] = {}
         for t in tokens:
             assert isinstance(t, _Token)
-            self._running.discard(t)
             if not self._valid(t):
                 continue  # revoked meanwhile: the new owner handles it again
             new = self._tracker.done(t.tp, t.offset)
             if new is not None:
                 commit[t.tp] = new
-        self._changed.set()
         if not commit:
             return
         offsets = {tp: OffsetAndMetadata(off, "") for tp, off in commit.items()}
