@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stanchion.errors import BackendUnavailable, ConfigError, PublishError
 from stanchion.pubsub import Broker, Message, Outgoing
@@ -382,3 +384,20 @@ def test_partition_tokens_are_scoped_by_assignment() -> None:
     c._assign({tp})  # revoked and assigned again
     assert not c.owns(old) and not c._valid(old)
     assert c.owns(_Token(tp, 5, 2))
+
+
+@given(st.permutations(list(range(12))), st.sets(st.integers(0, 11)))
+def test_offsets_match_the_core_tracker(order: list[int], skipped: set[int]) -> None:
+    """The driver's O(1) tracker commits exactly what the core OffsetTracker commits."""
+    from stanchion.pubsub._core import OffsetTracker
+    from stanchion.pubsub.backends._kafka import _Offsets
+
+    ref, fast = OffsetTracker(), _Offsets()
+    handed = [o * 2 for o in range(12) if o not in skipped]  # gaps: compaction, markers
+    for off in handed:
+        ref.track("p", off)
+        fast.track("p", off)
+    for i in order:
+        if i < len(handed):
+            assert fast.done("p", handed[i]) == ref.done("p", handed[i])
+            assert fast.pending("p") == ref.pending("p")
