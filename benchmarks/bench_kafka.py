@@ -126,7 +126,9 @@ async def raw_bench(bootstrap: str, n: int) -> Result:
     await admin.create_topics([NewTopic(topic, 1, 1)])
     await admin.close()
     out: Result = {}
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_batch_size=1_000_000
+    )
     await producer.start()
     try:
 
@@ -181,7 +183,7 @@ async def faststream_bench(bootstrap: str, n: int) -> Result:
     topic = f"fs{uuid.uuid4().hex[:8]}"
     out: Result = {}
     got = Counter()
-    broker = KafkaBroker(bootstrap, acks="all", logger=None)
+    broker = KafkaBroker(bootstrap, acks="all", max_batch_size=1_000_000, logger=None)
 
     @broker.subscriber(
         topic,
