@@ -58,6 +58,11 @@ A dead member is noticed by the group coordinator after the session timeout
 other members, which resume from the last committed offsets. Kafka counts no
 deliveries, so ``Message.delivery`` counts only this member's retries.
 
+As with any Kafka consumer, a member that does not poll for
+``?max_poll_interval=`` seconds (default 300) leaves the group; the runtime
+stops polling while its ``prefetch`` window is full of unfinished messages, so
+raise it for handlers that can hold the whole window longer than that.
+
 Security (query parameters)
 ---------------------------
 
