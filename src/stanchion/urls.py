@@ -124,15 +124,22 @@ def parse_url(url: str) -> ParsedURL:
     scheme, _, driver = parts.scheme.lower().partition("+")
     if not scheme:
         raise ConfigError(f"invalid backend URL {url!r}: missing scheme")
+    hostname = parts.hostname
     try:
-        port = parts.port
+        if "," in parts.netloc:
+            # Several hosts (kafka://h1:9092,h2:9092): host and port are the
+            # first one's; drivers that take a list read the others from ``raw``.
+            first = urlsplit("//" + parts.netloc.rpartition("@")[2].split(",")[0])
+            port, hostname = first.port, first.hostname
+        else:
+            port = parts.port
     except ValueError as exc:
         raise ConfigError(f"invalid backend URL {url!r}: {exc}") from None
     return ParsedURL(
         raw=url,
         scheme=scheme,
         driver=driver or None,
-        host=parts.hostname,
+        host=hostname,
         port=port,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,

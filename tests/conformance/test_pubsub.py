@@ -7,7 +7,7 @@ import pytest
 from stanchion.testing.conformance.pubsub import *  # noqa: F403
 from stanchion.testing.pytest_plugin import backend_params
 
-BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "mqtt")
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "mqtt", "kafka")
 
 # The shared Redis does not persist: the warning is asserted in tests/pubsub.
 pytestmark = pytest.mark.filterwarnings("ignore:Redis at .* does not persist:RuntimeWarning")

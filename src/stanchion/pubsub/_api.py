@@ -613,6 +613,7 @@ class Subscription:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._consumer: Consumer | None = None
+        self._owns: Callable[[object], bool] | None = None
         self._loops: list[asyncio.Task[None]] = []
         self.max_held = 0
         self._release: list[object] = []
@@ -653,6 +654,7 @@ class Subscription:
 
     async def _start(self) -> None:
         self._consumer = await self._broker._driver.consumer(self.spec)
+        self._owns = getattr(self._consumer, "owns", None)
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._fetch_loop()), loop.create_task(self._ack_loop())]
         self._workers = [loop.create_task(self._worker()) for _ in range(self.concurrency)]
@@ -754,6 +756,10 @@ class Subscription:
 
     async def _handle(self, h: _Held) -> None:
         h.timer = None
+        if self._owns is not None and not self._owns(h.delivery.token):
+            # Its partition was revoked (Kafka rebalance): the new owner reads it again.
+            self._finish(h, ack=False)
+            return
         base = h.delivery.message
         msg = replace(base, delivery=base.delivery + h.failures) if h.failures else base
         if self.policy.exceeded(msg.delivery):

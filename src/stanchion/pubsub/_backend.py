@@ -32,7 +32,10 @@ unprocessed messages back on a clean stop.
 Partitioned engines (Kafka) fit the same shape: a :class:`Delivery` carries its
 ``partition``; acks arrive out of order and the driver commits, per partition,
 only the offset below which every message is done
-(:class:`stanchion.pubsub._core.OffsetTracker`).
+(:class:`stanchion.pubsub._core.OffsetTracker`). A partitioned consumer may
+also define ``owns(token) -> bool``: the runtime calls it right before it
+starts a handler and drops the delivery (unacked) when it returns False, so
+messages of a partition revoked by a rebalance are not handled by two members.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Fixtures:
     redis_url, nats_url, amqp_url, mqtt_url, etcd_url: the shared service's
         URL with ``?prefix=<namespace>``; what the prefix covers is deleted
         afterwards.
+    kafka_url: a session-wide throwaway Tansu (Kafka-protocol) broker with
+        ``?prefix=<namespace>`` (and a 2 s group session timeout).
     servers: a :class:`ServerFactory` that starts throwaway servers and kills
         them all when the test ends.
     backend_url: for tests parametrised by :func:`backend_params`, the URL of
@@ -156,6 +158,31 @@ def etcd_url(namespace: str) -> Iterator[str]:
         cleanup_etcd(f"/{namespace}/", base)
 
 
+@pytest.fixture(scope="session")
+def _kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_servers.ServerProcess]:
+    try:
+        server = _servers.kafka_server(tmp_path_factory.mktemp("kafka"))
+    except FileNotFoundError as exc:
+        if require_services():
+            pytest.fail(f"STANCHION_REQUIRE_SERVICES=1 but {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def kafka_url(_kafka_broker: _servers.ServerProcess, namespace: str) -> str:
+    """A throwaway Tansu broker (one per session) with ``?prefix=<namespace>``.
+
+    The URL sets a 2 s group session (``session_timeout=2``): Tansu has no
+    minimum, a killed consumer's partitions move quickly, and Tansu holds a
+    new group's first join for half the session timeout.
+    """
+    return with_query(_kafka_broker.url, prefix=namespace, session_timeout="1")
+
+
 _FIXTURE_FOR = {
     "memory": "memory_url",
     "sqlite": "sqlite_url",
@@ -166,6 +193,7 @@ _FIXTURE_FOR = {
     "amqp": "amqp_url",
     "mqtt": "mqtt_url",
     "etcd": "etcd_url",
+    "kafka": "kafka_url",
 }
 
 
@@ -213,6 +241,10 @@ class ServerFactory:
     def postgres(self, **kw: Any) -> _servers.ServerProcess:
         """A throwaway PostgreSQL cluster."""
         return self._track(_servers.postgres_server(self._dir("postgres"), **kw))
+
+    def kafka(self, **kw: Any) -> _servers.ServerProcess:
+        """A throwaway Tansu (Kafka-protocol) broker, storage in memory."""
+        return self._track(_servers.kafka_server(self._dir("kafka"), **kw))
 
     def close(self) -> None:
         """Kill every server started through this factory."""

