@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections import Counter
@@ -36,18 +37,22 @@ async def test_processes_share_a_group(sqlite_url: str) -> None:
     ]  # fmt: skip
     seen: Counter[str] = Counter()
     per_proc = [0, 0]
+    ready = [False, False]
 
     async def read(i: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         async for line in proc.stdout:
             text = line.decode().strip()
-            if text != "ready":
+            if text == "ready":
+                ready[i] = True
+            else:
                 seen[text] += 1
                 per_proc[i] += 1
 
     readers = [asyncio.create_task(read(i, p)) for i, p in enumerate(procs)]
     try:
-        await asyncio.sleep(1.5)  # both subscribed (they poll the file)
+        # both subscribed before anything is published (start-up is slow on a busy host)
+        await eventually(lambda: all(ready), timeout=60, what="both workers subscribed")
         async with await Broker.connect(sqlite_url) as broker:
             ids = []
             for _ in range(10):
@@ -59,7 +64,9 @@ async def test_processes_share_a_group(sqlite_url: str) -> None:
         assert all(n > 0 for n in per_proc), per_proc
     finally:
         for p in procs:
-            p.kill()
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
             await p.wait()
         for r in readers:
             r.cancel()
